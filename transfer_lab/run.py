@@ -1,0 +1,206 @@
+"""One run: source stage (cached in the store) → strategy → target stage → results.json.
+
+The leaves (data, models, strategy, optimizer, trainer) are instantiated from config; this file
+is the plain-code wiring between them.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import platform
+import subprocess
+import sys
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from hydra.utils import instantiate
+from lightning.pytorch.loggers import CSVLogger
+from omegaconf import DictConfig, OmegaConf
+
+import transfer_lab
+from transfer_lab.data.datamodule import ConfigError, TransferDataModule
+from transfer_lab.io import atomic_write_json
+from transfer_lab.models.classifier import Classifier
+from transfer_lab.module import TransferModule
+from transfer_lab.store import SourceStore, load_state_dict, store_key
+from transfer_lab.strategies.base import Strategy
+from transfer_lab.strategies.scratch import Scratch
+
+log = logging.getLogger("transfer_lab")
+# Lightning's per-Trainer banners ("GPU available", tips) drown a sweep's one-line summaries
+for _name in ("lightning.pytorch.utilities.rank_zero", "lightning.pytorch.accelerators.cuda",
+              "lightning.fabric.utilities.rank_zero"):
+    logging.getLogger(_name).setLevel(logging.WARNING)
+warnings.filterwarnings("ignore", message=".*isinstance.treespec, LeafSpec.*")
+warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+warnings.filterwarnings("ignore", message=".*smaller than the logging interval.*")
+
+
+def run(cfg: DictConfig, out_dir: str | Path, choices: dict[str, Any] | None = None) -> dict:
+    """Run one source → target transfer and write ``<out_dir>/results.json``. Returns the results."""
+    out_dir = Path(out_dir)
+    choices = dict(choices or {})
+    started = time.perf_counter()
+    strategy, source_dm, target_dm, tgt_model_cfg = prepare(cfg)
+    results: dict[str, Any] = {
+        "status": "running", "strategy": choices.get("strategy") or strategy.name,
+        "seed": int(cfg.seed), "choices": choices,
+        "config": OmegaConf.to_container(cfg, resolve=True), "env": environment()}
+
+    t0 = time.perf_counter()
+    source, results["source"] = source_stage(cfg, strategy, source_dm)
+    source_s = time.perf_counter() - t0
+
+    L.seed_everything(int(cfg.seed), verbose=False)  # the target init is the same whatever the source path
+    target = build_model(tgt_model_cfg, target_dm)
+    model = strategy.build(source, target)
+    module = TransferModule(model, strategy, instantiate(cfg.target.optimizer, _partial_=True),
+                            lr=float(cfg.target.optimizer.lr), num_classes=target_dm.num_classes,
+                            class_weights=target_dm.class_weights, scheduler=cfg.target.scheduler)
+    results["data"] = {"target": {**target_dm.summary(),
+                                  "samples_per_class": cfg.target.data.get("samples_per_class")}}
+    results["params"] = {"total": sum(p.numel() for p in model.parameters()),
+                         "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad)}
+    t0 = time.perf_counter()
+    trainer = make_trainer(cfg, "target", out_dir, strategy.callbacks())
+    try:
+        trainer.fit(module, datamodule=strategy.datamodule(target_dm, source_dm))
+        tested = trainer.test(module, datamodule=target_dm, verbose=False)[0]
+    except Exception as e:
+        results.update(status="failed", error=f"{type(e).__name__}: {e}")
+        if trainer.is_global_zero:
+            atomic_write_json(out_dir / "results.json", results)
+        raise
+    results["metrics"] = {k: float(v) for k, v in tested.items()}
+    results["metrics"].update({k: float(v) for k, v in trainer.callback_metrics.items()
+                               if k.startswith(("val/", "train/"))})
+    results["strategy_report"] = strategy.report()
+    results["timings"] = {"source_s": round(source_s, 3), "target_s": round(time.perf_counter() - t0, 3),
+                          "total_s": round(time.perf_counter() - started, 3)}
+    results["status"] = "ok"
+    if trainer.is_global_zero:
+        atomic_write_json(out_dir / "results.json", results)
+    return results
+
+
+def prepare(cfg: DictConfig) -> tuple[Strategy, TransferDataModule | None, TransferDataModule, DictConfig]:
+    """Instantiate and validate everything before any training: bad input fails here."""
+    strategy = instantiate(cfg.strategy)
+    if not isinstance(strategy, Strategy):
+        raise ConfigError(f"strategy._target_={cfg.strategy._target_}: not a transfer_lab Strategy")
+    source_dm = None
+    src_shape = None
+    if strategy.needs_source:
+        if cfg.source.get("checkpoint"):
+            src_shape = None  # known once the checkpoint is read
+        else:
+            source_dm = make_datamodule(cfg.source.data, cfg.seed, "source.data").prepare()
+            src_shape = source_dm.input_shape
+    target_dm = make_datamodule(cfg.target.data, cfg.seed, "target.data", default_shape=src_shape)
+    target_dm.prepare()
+    tgt_model_cfg = cfg.target.get("model") or cfg.source.model
+    return strategy, source_dm, target_dm, tgt_model_cfg
+
+
+def make_datamodule(data_cfg: DictConfig, seed: int, key: str,
+                    default_shape: tuple[int, int, int] | None = None) -> TransferDataModule:
+    """Instantiate a data config; unset channels/size default to ``default_shape`` (the source's)."""
+    extra: dict[str, Any] = {"seed": int(seed), "key": key}
+    if default_shape is not None:
+        if data_cfg.get("channels") is None:
+            extra["channels"] = default_shape[0]
+        if data_cfg.get("image_size") is None:
+            extra["image_size"] = default_shape[-1]
+    dm = instantiate(data_cfg, **extra)
+    if not isinstance(dm, TransferDataModule):
+        raise ConfigError(f"{key}._target_={data_cfg.get('_target_')}: not a TransferDataModule")
+    return dm
+
+
+def build_model(model_cfg: DictConfig, dm: TransferDataModule | None = None, *,
+                input_shape: tuple[int, ...] | None = None, num_classes: int | None = None) -> Classifier:
+    c, _, s = input_shape or dm.input_shape
+    return instantiate(model_cfg, in_channels=c, image_size=s,
+                       num_classes=num_classes or dm.num_classes)
+
+
+def source_spec(cfg: DictConfig, dm: TransferDataModule) -> dict:
+    """Everything that determines the source weights: the store key is its hash."""
+    return {"data": OmegaConf.to_container(cfg.source.data, resolve=True),
+            "input_shape": list(dm.input_shape), "num_classes": dm.num_classes,
+            "model": OmegaConf.to_container(cfg.source.model, resolve=True),
+            "optimizer": OmegaConf.to_container(cfg.source.optimizer, resolve=True),
+            "epochs": cfg.source.epochs, "trainer": OmegaConf.to_container(cfg.source.trainer, resolve=True),
+            "precision": str(cfg.trainer.get("precision")), "seed": int(cfg.seed),
+            "versions": {"torch": torch.__version__, "lightning": L.__version__,
+                         "transfer_lab": transfer_lab.__version__}}
+
+
+def source_stage(cfg: DictConfig, strategy: Strategy,
+                 dm: TransferDataModule | None) -> tuple[Classifier | None, dict]:
+    """The trained source model: from ``source.checkpoint``, from the store, or trained now."""
+    if not strategy.needs_source:
+        return None, {"used": False, "cache_hit": None}
+    if cfg.source.get("checkpoint"):
+        return checkpoint_source(cfg)
+    spec = source_spec(cfg, dm)
+    key = store_key(spec)
+
+    def train() -> tuple[dict, dict, dict]:
+        log.info("training source %s (%s on %s)", key, cfg.source.model._target_, cfg.source.data._target_)
+        L.seed_everything(int(cfg.seed), verbose=False)
+        model = build_model(cfg.source.model, dm)
+        module = TransferModule(model, Scratch(), instantiate(cfg.source.optimizer, _partial_=True),
+                                lr=float(cfg.source.optimizer.lr), num_classes=dm.num_classes)
+        trainer = make_trainer(cfg, "source", Path(cfg.store_dir) / ".logs" / key, [])
+        trainer.fit(module, datamodule=dm)
+        tested = trainer.test(module, datamodule=dm, verbose=False)[0]
+        return model.state_dict(), {**spec, "key": key}, {k: float(v) for k, v in tested.items()}
+
+    t0 = time.perf_counter()
+    state, _, metrics, hit = SourceStore(cfg.store_dir).get_or_create(key, train)
+    model = build_model(cfg.source.model, dm)
+    model.load_state_dict(state)
+    return model, {"used": True, "key": key, "cache_hit": hit, **metrics,
+                   "load_or_train_s": round(time.perf_counter() - t0, 3)}
+
+
+def checkpoint_source(cfg: DictConfig) -> tuple[Classifier, dict]:
+    """An external source: a knowledge package, safetensors file or weights-only checkpoint."""
+    path = cfg.source.checkpoint
+    state = load_state_dict(path)
+    dm = make_datamodule(cfg.source.data, cfg.seed, "source.data").prepare()
+    model = build_model(cfg.source.model, dm)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise ConfigError(f"source.checkpoint={path}: does not fit source.model "
+                          f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
+    return model, {"used": True, "checkpoint": str(path), "cache_hit": None}
+
+
+def make_trainer(cfg: DictConfig, stage: str, out_dir: Path, callbacks: list) -> L.Trainer:
+    """The shared ``trainer`` config plus the stage's own ``epochs`` and ``trainer`` overrides."""
+    kwargs = dict(OmegaConf.to_container(cfg.trainer, resolve=True))
+    kwargs.update(OmegaConf.to_container(cfg[stage].trainer, resolve=True) or {})
+    if kwargs.get("enable_progress_bar") is None:
+        kwargs["enable_progress_bar"] = sys.stderr.isatty() and not os.environ.get("CI")
+    kwargs.setdefault("max_epochs", int(cfg[stage].epochs))
+    logger = CSVLogger(str(out_dir), name=stage, version="")
+    return instantiate(kwargs, logger=logger, callbacks=callbacks, default_root_dir=str(out_dir))
+
+
+def environment() -> dict:
+    try:
+        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                             cwd=Path(__file__).parent, timeout=5).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        rev = None
+    return {"python": platform.python_version(), "torch": torch.__version__,
+            "lightning": L.__version__, "transfer_lab": transfer_lab.__version__,
+            "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
+            "platform": platform.platform(), "git": rev}

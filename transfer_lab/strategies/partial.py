@@ -1,0 +1,51 @@
+from torch import nn
+
+from transfer_lab.data.datamodule import ConfigError
+from transfer_lab.models.classifier import Classifier
+from transfer_lab.strategies.base import Strategy, freeze, match_modules
+
+
+class Partial(Strategy):
+    """Transfer (and optionally freeze) a chosen set of layers; the rest keep a fresh init.
+
+    Args:
+        blocks: transfer the first ``blocks`` backbone blocks (see ``Classifier.named_blocks``).
+        layers: or module-path globs, e.g. ``["backbone.conv1*", "backbone.conv2.0"]``.
+        freeze_transferred: freeze what was transferred (weights and BatchNorm statistics).
+    """
+
+    def __init__(self, blocks: int | None = 1, layers: list[str] | None = None,
+                 freeze_transferred: bool = True, train_bn: bool = False) -> None:
+        super().__init__(train_bn)
+        if (blocks is None) == (not layers):
+            raise ConfigError("strategy: partial needs exactly one of strategy.blocks or "
+                              f"strategy.layers (got blocks={blocks}, layers={layers})")
+        self.blocks, self.layers, self.freeze_transferred = blocks, list(layers or []), freeze_transferred
+        self.transferred: list[str] = []
+
+    def chosen(self, model: Classifier) -> list[str]:
+        if self.layers:
+            return match_modules(model, self.layers, "strategy.layers")
+        named = model.named_blocks()
+        if not 0 <= self.blocks <= len(named):
+            raise ConfigError(f"strategy.blocks={self.blocks}: the backbone has {len(named)} "
+                              f"blocks ({', '.join(n for n, _ in named)})")
+        return [n for n, _ in named[: self.blocks]]
+
+    def build(self, source: Classifier | None, target: Classifier) -> nn.Module:
+        if source is None:
+            raise ConfigError("strategy=partial needs a source model")
+        self.transferred = self.chosen(target)
+        for name in self.transferred:
+            src, tgt = source.get_submodule(name), target.get_submodule(name)
+            try:
+                tgt.load_state_dict(src.state_dict())
+            except RuntimeError as e:
+                raise ConfigError(f"strategy=partial: {name} differs between source and target "
+                                  f"({str(e).splitlines()[-1].strip()})") from None
+            if self.freeze_transferred:
+                freeze(tgt)
+        return target
+
+    def report(self) -> dict:
+        return {"transferred": self.transferred, "frozen": self.freeze_transferred}
