@@ -21,8 +21,10 @@ import torch
 from hydra.utils import instantiate
 from lightning.pytorch.loggers import CSVLogger
 from omegaconf import DictConfig, OmegaConf
+from safetensors.torch import save_file
 
 import transfer_lab
+from transfer_lab.checkpoint import save_trainable
 from transfer_lab.data.datamodule import ConfigError, TransferDataModule
 from transfer_lab.io import atomic_write_json
 from transfer_lab.models.classifier import Classifier
@@ -39,6 +41,7 @@ for _name in ("lightning.pytorch.utilities.rank_zero", "lightning.pytorch.accele
 warnings.filterwarnings("ignore", message=".*isinstance.treespec, LeafSpec.*")
 warnings.filterwarnings("ignore", message=".*does not have many workers.*")
 warnings.filterwarnings("ignore", message=".*smaller than the logging interval.*")
+warnings.filterwarnings("ignore", message=".*module\(s\) in eval mode at the start of training.*")
 
 
 def run(cfg: DictConfig, out_dir: str | Path, choices: dict[str, Any] | None = None) -> dict:
@@ -80,6 +83,9 @@ def run(cfg: DictConfig, out_dir: str | Path, choices: dict[str, Any] | None = N
     results["metrics"].update({k: float(v) for k, v in trainer.callback_metrics.items()
                                if k.startswith(("val/", "train/"))})
     results["strategy_report"] = strategy.report()
+    if trainer.is_global_zero:
+        results["weights"] = save_weights(model, out_dir, cfg.target.save_weights,
+                                          results["source"].get("key"))
     results["timings"] = {"source_s": round(source_s, 3), "target_s": round(time.perf_counter() - t0, 3),
                           "total_s": round(time.perf_counter() - started, 3)}
     results["status"] = "ok"
@@ -192,6 +198,21 @@ def make_trainer(cfg: DictConfig, stage: str, out_dir: Path, callbacks: list) ->
     kwargs.setdefault("max_epochs", int(cfg[stage].epochs))
     logger = CSVLogger(str(out_dir), name=stage, version="")
     return instantiate(kwargs, logger=logger, callbacks=callbacks, default_root_dir=str(out_dir))
+
+
+def save_weights(model: torch.nn.Module, out_dir: Path, mode: str, source_key: str | None) -> dict:
+    """``auto``: only what trained when anything is frozen (the rest is the source's), else all."""
+    if mode not in ("auto", "trainable", "full", "none"):
+        raise ConfigError(f"target.save_weights={mode!r}: valid: auto, trainable, full, none")
+    frozen = any(not p.requires_grad for p in model.parameters())
+    if mode == "none":
+        return {"mode": "none"}
+    if mode == "trainable" or (mode == "auto" and frozen):
+        path = save_trainable(model, out_dir / "target_trainable.safetensors", source_key)
+        return {"mode": "trainable", "file": path.name, "source_key": source_key}
+    path = out_dir / "target.safetensors"
+    save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, str(path))
+    return {"mode": "full", "file": path.name, "source_key": source_key}
 
 
 def environment() -> dict:
