@@ -34,6 +34,7 @@ from transfer_lab.strategies.base import Strategy
 from transfer_lab.strategies.scratch import Scratch
 
 log = logging.getLogger("transfer_lab")
+SAVE_MODES = ("auto", "trainable", "full", "none")
 # Lightning's per-Trainer banners ("GPU available", tips) drown a sweep's one-line summaries
 for _name in ("lightning.pytorch.utilities.rank_zero", "lightning.pytorch.accelerators.cuda",
               "lightning.fabric.utilities.rank_zero"):
@@ -96,6 +97,8 @@ def run(cfg: DictConfig, out_dir: str | Path, choices: dict[str, Any] | None = N
 
 def prepare(cfg: DictConfig) -> tuple[Strategy, TransferDataModule | None, TransferDataModule, DictConfig]:
     """Instantiate and validate everything before any training: bad input fails here."""
+    if cfg.target.save_weights not in SAVE_MODES:
+        raise ConfigError(f"target.save_weights={cfg.target.save_weights!r}: valid: {', '.join(SAVE_MODES)}")
     strategy = instantiate(cfg.strategy)
     if not isinstance(strategy, Strategy):
         raise ConfigError(f"strategy._target_={cfg.strategy._target_}: not a transfer_lab Strategy")
@@ -202,8 +205,6 @@ def make_trainer(cfg: DictConfig, stage: str, out_dir: Path, callbacks: list) ->
 
 def save_weights(model: torch.nn.Module, out_dir: Path, mode: str, source_key: str | None) -> dict:
     """``auto``: only what trained when anything is frozen (the rest is the source's), else all."""
-    if mode not in ("auto", "trainable", "full", "none"):
-        raise ConfigError(f"target.save_weights={mode!r}: valid: auto, trainable, full, none")
     frozen = any(not p.requires_grad for p in model.parameters())
     if mode == "none":
         return {"mode": "none"}

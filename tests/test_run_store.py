@@ -1,0 +1,100 @@
+"""Store hit/miss, results.json schema, config overrides, bad input before training."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import ROOT, compose_cfg
+from transfer_lab.data import ConfigError
+from transfer_lab.run import run
+from transfer_lab.store import SourceStore, export_package, import_package, load_state_dict
+
+RESULT_KEYS = {"strategy", "seed", "metrics", "source", "timings", "params", "config", "env", "status"}
+
+
+def test_store_miss_then_hit_gives_identical_results(tmp_path):
+    cfg = compose_cfg("strategy=finetune", store=tmp_path / "store")
+    first = run(cfg, tmp_path / "a")
+    second = run(cfg, tmp_path / "b")
+    assert first["source"]["cache_hit"] is False and second["source"]["cache_hit"] is True
+    assert first["source"]["key"] == second["source"]["key"]
+    assert first["metrics"]["test/acc"] == second["metrics"]["test/acc"]
+    assert RESULT_KEYS <= set(first)
+    assert {"source_s", "target_s"} <= set(first["timings"])
+    assert {"test/acc", "test/loss"} <= set(first["metrics"])
+    assert "test/acc" in first["source"] and {"torch", "lightning"} <= set(first["env"])
+    # a different seed is a different source
+    other = run(compose_cfg("strategy=finetune", "seed=1", store=tmp_path / "store"), tmp_path / "c")
+    assert other["source"]["key"] != first["source"]["key"] and other["source"]["cache_hit"] is False
+
+
+def test_incomplete_store_entry_is_retrained_not_loaded(tmp_path):
+    cfg = compose_cfg("strategy=finetune", store=tmp_path / "store")
+    key = run(cfg, tmp_path / "a")["source"]["key"]
+    entry = SourceStore(tmp_path / "store").entry(key)
+    (entry / "model.safetensors").write_bytes(b"truncated")
+    assert not SourceStore(tmp_path / "store").is_valid(key)
+    assert run(cfg, tmp_path / "b")["source"]["cache_hit"] is False
+    assert SourceStore(tmp_path / "store").is_valid(key)
+
+
+def test_knowledge_package_round_trip_and_checkpoint_source(tmp_path):
+    store = SourceStore(tmp_path / "store")
+    cfg = compose_cfg("strategy=finetune", store=store.root)
+    key = run(cfg, tmp_path / "a")["source"]["key"]
+    pkg = export_package(store, key, tmp_path / "pkg.zip")
+    other = SourceStore(tmp_path / "elsewhere")
+    assert import_package(pkg, other) == key and other.is_valid(key)
+    state, _, _ = store.load(key)
+    for k, v in load_state_dict(pkg).items():
+        assert torch.equal(v, state[k])
+    res = run(compose_cfg("strategy=finetune", f"source.checkpoint={pkg}", store=tmp_path / "s2"),
+              tmp_path / "b")
+    assert res["source"]["checkpoint"] == str(pkg)
+    assert not (tmp_path / "s2").exists()  # an external source trains nothing
+
+
+def test_experiment_preset_and_command_line_precedence():
+    cfg = compose_cfg("experiment=quickstart", "target.data.samples_per_class=3",
+                      "model@source.model=lenet", tiny=False)
+    assert cfg.target.data.samples_per_class == 3 and cfg.source.data.classes == [0, 1, 2, 3, 4]
+    assert cfg.source.model._target_.endswith("lenet")
+    cfg = compose_cfg("data@target.data=npz", "target.data.train_file=a.npz",
+                      "target.data.test_file=b.npz", "model@target.model=mlp", "seed=4",
+                      "store_dir=/tmp/x", tiny=False)
+    assert cfg.target.data.train_file == "a.npz" and cfg.target.model._target_.endswith("mlp")
+    assert cfg.seed == 4 and cfg.store_dir == "/tmp/x"
+
+
+@pytest.mark.parametrize("override, match", [
+    ("target.data.samples_per_class=1000", "target.data.samples_per_class=1000"),
+    ("target.data.classes=[]", "target.data.classes=\\[\\]"),
+    ("source.data.classes=[0,7]", "source.data.classes: \\[7\\] out of range"),
+    ("target.save_weights=some", "target.save_weights='some'"),
+])
+def test_bad_input_fails_before_training_and_writes_nothing(override, match, tmp_path):
+    cfg = compose_cfg(override, store=tmp_path / "store")
+    with pytest.raises(ConfigError, match=match):
+        run(cfg, tmp_path / "out")
+    assert not (tmp_path / "store").exists() or not any((tmp_path / "store").iterdir())
+
+
+def test_cli_unknown_option_and_bad_value_give_one_line(tmp_path):
+    env = {**os.environ, "TRANSFER_LAB_STORE": str(tmp_path / "store")}
+    cmd = [sys.executable, "-m", "transfer_lab.train", f"hydra.run.dir={tmp_path}/run"]
+    bad_strategy = subprocess.run(cmd + ["strategy=nope"], capture_output=True, text=True, env=env,
+                                  cwd=ROOT)
+    assert bad_strategy.returncode != 0
+    assert "Could not find 'strategy/nope'" in bad_strategy.stderr and "finetune" in bad_strategy.stderr
+    bad_budget = subprocess.run(cmd + ["data@source.data=synthetic", "data@target.data=synthetic",
+                                       "target.data.samples_per_class=999"],
+                                capture_output=True, text=True, env=env, cwd=ROOT)
+    assert bad_budget.returncode == 2
+    lines = [ln for ln in bad_budget.stderr.splitlines() if ln.strip()]
+    assert lines[-1].startswith("error: target.data.samples_per_class=999")
+    assert "Traceback" not in bad_budget.stderr
+    assert not (tmp_path / "store").exists()

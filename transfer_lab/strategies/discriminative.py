@@ -1,0 +1,56 @@
+from __future__ import annotations
+
+from typing import Any
+
+from torch import nn
+
+from transfer_lab.data.datamodule import ConfigError
+from transfer_lab.models.classifier import Classifier
+from transfer_lab.strategies.base import Strategy
+
+
+class Discriminative(Strategy):
+    """Fine-tune everything with layer-wise learning-rate decay (Howard & Ruder, 2018).
+
+    The head trains at the base LR; the last backbone block at ``decay × lr``, the one before it
+    at ``decay² × lr``, and so on down to the first block (blocks are
+    ``Classifier.named_blocks()``). Each block is one optimizer param group named by its module
+    path, and the ladder is written to ``results.json["strategy_report"]["lr"]``.
+
+    Args:
+        decay: LR ratio between consecutive blocks, in (0, 1] (1 is plain fine-tuning).
+        train_bn: unused here (nothing is frozen); kept for the common interface.
+    """
+
+    def __init__(self, decay: float = 0.5, train_bn: bool = False) -> None:
+        super().__init__(train_bn)
+        if not 0 < decay <= 1:
+            raise ConfigError(f"strategy.decay={decay}: must be in (0, 1]")
+        self.decay = decay
+        self.ladder: dict[str, float] = {}
+
+    def ladder_for(self, model: nn.Module, lr: float) -> dict[str, float]:
+        """``{group name: lr}``: head first, then blocks from the output side down."""
+        if not isinstance(model, Classifier):
+            raise ConfigError(f"strategy=discriminative needs a Classifier, got {type(model).__name__}")
+        blocks = [n for n, _ in model.named_blocks()]
+        ladder = {"head": lr}
+        for depth, name in enumerate(reversed(blocks), start=1):
+            ladder[name] = lr * self.decay ** depth
+        return ladder
+
+    def param_groups(self, model: nn.Module, lr: float) -> list[dict[str, Any]]:
+        self.ladder = self.ladder_for(model, lr)
+        groups, seen = [], set()
+        for name, group_lr in self.ladder.items():
+            params = [p for p in model.get_submodule(name).parameters() if p.requires_grad]
+            seen.update(id(p) for p in params)
+            groups.append({"name": name, "params": params, "lr": group_lr})
+        rest = [p for p in model.parameters() if p.requires_grad and id(p) not in seen]
+        if rest:  # parameters outside head and blocks (none in the built-in models): base LR
+            groups.append({"name": "other", "params": rest, "lr": lr})
+            self.ladder["other"] = lr
+        return [g for g in groups if g["params"]]
+
+    def report(self) -> dict[str, Any]:
+        return {"decay": self.decay, "lr": self.ladder}
