@@ -32,6 +32,8 @@ class TransferDataModule(L.LightningDataModule):
         imbalance_ratio: if set, class ``i`` keeps ``n_max · ratio^(-i/(k-1))`` images.
         imbalance_remedy: ``reweight`` (class-weighted loss) or ``resample`` (balanced sampling).
         val_fraction: share of each class's training pool held out for validation.
+        max_val_per_class: cap on those validation images per class (monitoring only; keeps
+            per-epoch validation cheap when the pool is large and the budget small).
         channels, image_size: adapt images to this shape (None: native).
         augment: one of ``none``, ``crop``, ``crop_flip`` (batched, on device, training only).
         batch_size, eval_batch_size: loader batch sizes.
@@ -41,7 +43,7 @@ class TransferDataModule(L.LightningDataModule):
 
     def __init__(self, classes: Sequence[int] | None = None, samples_per_class: int | None = None,
                  imbalance_ratio: float | None = None, imbalance_remedy: str | None = None,
-                 val_fraction: float = 0.1, channels: int | None = None,
+                 val_fraction: float = 0.1, max_val_per_class: int | None = 100, channels: int | None = None,
                  image_size: int | None = None, augment: str = "none", batch_size: int = 64,
                  eval_batch_size: int = 1000, device_resident: bool = True, seed: int = 0,
                  key: str = "data") -> None:
@@ -49,6 +51,7 @@ class TransferDataModule(L.LightningDataModule):
         self.classes = list(classes) if classes is not None else None
         self.samples_per_class, self.imbalance_ratio = samples_per_class, imbalance_ratio
         self.imbalance_remedy, self.val_fraction = imbalance_remedy, val_fraction
+        self.max_val_per_class = max_val_per_class
         self.channels, self.image_size, self.augment = channels, image_size, augment
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
         self.device_resident, self.seed, self.key = device_resident, seed, key
@@ -117,7 +120,8 @@ class TransferDataModule(L.LightningDataModule):
         k = self.num_classes
         budget = self.samples_per_class
         counts = np.bincount(y, minlength=k)
-        n_val = [math.ceil(self.val_fraction * n) if self.val_fraction > 0 else 0 for n in counts]
+        cap = self.max_val_per_class if self.max_val_per_class is not None else math.inf
+        n_val = [min(math.ceil(self.val_fraction * n), cap) for n in counts]
         avail = [int(n - v) for n, v in zip(counts, n_val)]
         if budget is not None and budget > min(avail):
             c = int(np.argmin(avail))
