@@ -199,8 +199,11 @@ def make_trainer(cfg: DictConfig, stage: str, out_dir: Path, callbacks: list) ->
     if kwargs.get("enable_progress_bar") is None:
         kwargs["enable_progress_bar"] = sys.stderr.isatty() and not os.environ.get("CI")
     kwargs.setdefault("max_epochs", int(cfg[stage].epochs))
+    # callbacks from the trainer config (e.g. performance options) run beside the strategy's
+    configured = [instantiate(c) for c in kwargs.pop("callbacks", None) or []]
     logger = CSVLogger(str(out_dir), name=stage, version="")
-    return instantiate(kwargs, logger=logger, callbacks=callbacks, default_root_dir=str(out_dir))
+    return instantiate(kwargs, logger=logger, callbacks=[*configured, *callbacks],
+                       default_root_dir=str(out_dir))
 
 
 def save_weights(model: torch.nn.Module, out_dir: Path, mode: str, source_key: str | None) -> dict:
