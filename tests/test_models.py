@@ -31,3 +31,21 @@ def test_resnet_depth_is_checked():
         resnet_cifar(3, 32, 10, depth=10)
     with pytest.raises(ValueError, match="arch='resnet9000'"):
         torchvision_model(3, 32, 10, arch="resnet9000")
+
+
+def test_torchvision_local_checkpoint_is_loaded(tmp_path):
+    import torchvision
+    from safetensors.torch import save_file
+
+    torch.manual_seed(3)
+    net = torchvision.models.resnet18()
+    save_file(net.state_dict(), str(tmp_path / "r18.safetensors"))
+    m = torchvision_model(3, 32, 5, arch="resnet18", checkpoint=str(tmp_path / "r18.safetensors"))
+    assert torch.equal(m.backbone.conv1.weight, net.conv1.weight)
+    assert torch.equal(m.backbone.layer4[1].bn2.running_var, net.layer4[1].bn2.running_var)
+    assert m.head.out_features == 5
+
+
+def test_mobilenet_keeps_hidden_head_layers():
+    m = torchvision_model(3, 32, 4, arch="mobilenet_v3_small")
+    assert m(torch.randn(2, 3, 32, 32)).shape == (2, 4)
