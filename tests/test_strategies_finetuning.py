@@ -1,0 +1,340 @@
+"""Behaviour of the fine-tuning family: discriminative, gradual_unfreeze, l2sp, adapter, lora, multitask."""
+
+import copy
+import json
+
+import lightning as L
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import compose_cfg
+from transfer_lab.checkpoint import load_trainable, save_trainable
+from transfer_lab.data import ConfigError, SyntheticData
+from transfer_lab.models import convnet, mlp, resnet_cifar
+from transfer_lab.module import TransferModule
+from transfer_lab.run import run
+from transfer_lab.strategies.adapter import Adapter
+from transfer_lab.strategies.discriminative import Discriminative
+from transfer_lab.strategies.gradual_unfreeze import GradualUnfreeze
+from transfer_lab.strategies.l2sp import L2SP
+from transfer_lab.strategies.linear_probe import LinearProbe
+from transfer_lab.strategies.lora import LoRA
+from transfer_lab.strategies.multitask import JointLoader, MultiTask
+from transfer_lab.strategies.peft_layers import Adapter as AdapterLayer
+from transfer_lab.strategies.peft_layers import LoRALayer
+
+ARCHS = {  # (factory, input shape): CNN with BatchNorm, MLP with BatchNorm, ResNet with shortcuts
+    "convnet": (lambda k: convnet(1, 12, k, channels=[4, 8]), (1, 12, 12)),
+    "mlp": (lambda k: mlp(1, 8, k, hidden=[16, 12], batch_norm=True), (1, 8, 8)),
+    "resnet": (lambda k: resnet_cifar(3, 8, k, depth=8, width=4), (3, 8, 8)),
+}
+
+
+def pair(arch="convnet", num_classes=3):
+    make, shape = ARCHS[arch]
+    torch.manual_seed(0)
+    src = make(4)
+    for m in src.modules():  # BN buffers unlike a fresh init, so a copy is visible
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+            m.running_mean.add_(0.3)
+            m.running_var.mul_(1.5)
+    torch.manual_seed(1)
+    return src, make(num_classes), shape
+
+
+def batch(shape, k=3, n=8):
+    return torch.randn(n, *shape), torch.randint(0, k, (n,))
+
+
+def make_module(model, strategy, lr=0.1):
+    return TransferModule(model, strategy, lambda g: torch.optim.SGD(g, lr=lr), lr=lr, num_classes=3)
+
+
+def train_steps(model, strategy, shape, steps=2, batches=None):
+    """A few SGD steps through the module's own optimizer.
+
+    Returns the names that got a gradient tensor and those whose gradient was ever non-zero.
+    """
+    module = make_module(model, strategy)
+    module.train()
+    opt = module.configure_optimizers()
+    got, nonzero = set(), set()
+    for _ in range(steps):
+        opt.zero_grad(set_to_none=True)
+        b = batches() if batches else batch(shape, n=16)
+        strategy.training_loss(module, b).backward()
+        opt.step()
+        got |= {n for n, p in model.named_parameters() if p.grad is not None}
+        nonzero |= {n for n, p in model.named_parameters() if p.grad is not None and p.grad.any()}
+    return got, nonzero
+
+
+# --- which parameters train ---------------------------------------------------------------------
+EXPECTED = {  # name predicate for the parameters that must (and alone may) receive gradients
+    "discriminative": lambda n: True,
+    "l2sp": lambda n: True,
+    "multitask": lambda n: True,
+    "gradual_unfreeze": lambda n: n.startswith("head."),  # epoch 0: head only
+    "adapter": lambda n: n.startswith("head.") or ".adapter_" in n,
+    "lora": lambda n: n.startswith("head.") or ".lora_" in n,
+}
+STRATEGY = {"discriminative": Discriminative, "l2sp": L2SP, "multitask": MultiTask,
+            "gradual_unfreeze": GradualUnfreeze, "adapter": Adapter, "lora": LoRA}
+
+
+@pytest.mark.parametrize("arch", ["convnet", "mlp"])
+@pytest.mark.parametrize("name", list(EXPECTED))
+def test_exact_set_of_parameters_receiving_gradients(name, arch):
+    src, tgt, shape = pair(arch)
+    strategy = STRATEGY[name]()
+    model = strategy.build(src, tgt)
+    before = copy.deepcopy(model.state_dict())
+    batches = (lambda: (batch(shape), batch(shape, k=4))) if name == "multitask" else None
+    got, nonzero = train_steps(model, strategy, shape, steps=3, batches=batches)
+    names = [n for n, _ in model.named_parameters()]
+    expected = {n for n in names if EXPECTED[name](n)}
+    assert got == expected
+    # zero-initialised factors pass no gradient to their partner at step 1; later steps do
+    assert nonzero == expected
+    # frozen means frozen: every other tensor, BatchNorm buffers included, is bit-identical
+    after = model.state_dict()
+    trained = {n for n in expected}
+    trained_modules = {n.rsplit(".", 1)[0] for n in trained}
+    for k, v in before.items():
+        if k not in trained and k.rsplit(".", 1)[0] not in trained_modules:
+            assert torch.equal(after[k], v), f"{name}: frozen {k} changed"
+    if name in ("adapter", "lora", "gradual_unfreeze"):
+        assert all(torch.equal(after[k], v) for k, v in before.items() if "running_" in k)
+
+
+def test_prefixes_name_the_trainable_backbone_parameters():
+    for strategy, prefix in ((Adapter(), "adapter_"), (LoRA(), "lora_")):
+        src, tgt, _ = pair("resnet")
+        model = strategy.build(src, tgt)
+        trainable = [n for n, p in model.backbone.named_parameters() if p.requires_grad]
+        assert trainable and all(n.split(".")[-2].startswith(prefix) or
+                                 n.split(".")[-1].startswith(prefix) for n in trainable)
+        assert any(".base_layer." in n for n, _ in model.named_parameters())
+
+
+def test_adapters_and_lora_train_a_small_fraction_of_the_backbone():
+    for strategy in (Adapter(), LoRA()):
+        torch.manual_seed(0)
+        src, tgt = convnet(1, 28, 5), convnet(1, 28, 5)  # the experiment's model
+        n_backbone = sum(p.numel() for p in src.backbone.parameters())
+        model = strategy.build(src, tgt)
+        n_new = sum(p.numel() for p in model.backbone.parameters() if p.requires_grad)
+        assert 0 < n_new < 0.12 * n_backbone, (strategy.name, n_new, n_backbone)
+
+
+# --- discriminative -----------------------------------------------------------------------------
+def test_discriminative_lrs_equal_the_configured_ladder():
+    src, tgt, shape = pair("resnet")
+    strategy = Discriminative(decay=0.5)
+    model = strategy.build(src, tgt)
+    opt = make_module(model, strategy, lr=0.08).configure_optimizers()
+    got = {g["name"]: g["lr"] for g in opt.param_groups}
+    want = {"head": 0.08, "backbone.pool": None}  # pool has no parameters: not a block
+    want = {"head": 0.08, "backbone.stage3": 0.04, "backbone.stage2": 0.02,
+            "backbone.stage1": 0.01, "backbone.stem": 0.005}
+    assert got == pytest.approx(want) and list(got) == list(want)
+    for g in opt.param_groups:  # each group holds exactly its block's parameters
+        assert {id(p) for p in g["params"]} == {id(p) for p in model.get_submodule(g["name"]).parameters()}
+    assert strategy.report()["lr"] == pytest.approx(want)
+    with pytest.raises(ConfigError, match="strategy.decay=1.5"):
+        Discriminative(decay=1.5)
+
+
+# --- L2-SP --------------------------------------------------------------------------------------
+def test_l2sp_penalty_is_zero_at_the_source_and_its_gradient_matches_autograd():
+    src, tgt, shape = pair()
+    strategy = L2SP(alpha=0.3, beta=0.0)
+    model = strategy.build(src, tgt)
+    assert strategy.penalty(model).item() == 0.0  # at the source weights, no head term
+    strategy.beta = 0.05
+    head_sq = sum(p.pow(2).sum() for p in model.head.parameters())
+    assert strategy.penalty(model).item() == pytest.approx(0.5 * 0.05 * head_sq.item())
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    model.zero_grad()
+    strategy.penalty(model).backward()
+    for n, p in model.named_parameters():
+        ref = strategy.reference.get(n)
+        want = 0.3 * (p - ref) if ref is not None else 0.05 * p
+        torch.testing.assert_close(p.grad, want.detach(), rtol=1e-5, atol=1e-7, msg=n)
+    # the penalty replaces weight decay, whatever the optimizer says
+    assert all(g["weight_decay"] == 0.0 for g in strategy.param_groups(model, 0.1))
+
+
+def test_l2sp_pulls_toward_the_source():
+    """Same data, same steps: with a strong alpha the backbone drifts less than without."""
+    drift = {}
+    for alpha in (0.0, 5.0):
+        src, tgt, shape = pair()
+        strategy = L2SP(alpha=alpha, beta=0.0)
+        model = strategy.build(src, tgt)
+        torch.manual_seed(3)
+        train_steps(model, strategy, shape, steps=5)
+        drift[alpha] = strategy.report()["distance_to_source"]
+    assert 0 < drift[5.0] < drift[0.0]
+
+
+# --- adapters and LoRA ----------------------------------------------------------------------------
+@pytest.mark.parametrize("arch", list(ARCHS))
+@pytest.mark.parametrize("strategy_cls", [Adapter, LoRA])
+def test_adapter_and_lora_start_as_the_source(strategy_cls, arch):
+    src, tgt, shape = pair(arch)
+    model = strategy_cls().build(src, tgt)
+    model.head.load_state_dict(src.head.state_dict()) if tgt.num_classes == src.num_classes else None
+    wrapper = AdapterLayer if strategy_cls is Adapter else LoRALayer
+    assert any(isinstance(m, wrapper) for m in model.modules())
+    x = torch.randn(5, *shape)
+    src.eval(), model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(model.backbone(x), src.backbone(x), rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("arch", list(ARCHS))
+def test_lora_merge_gives_a_plain_model_with_the_same_outputs(arch):
+    src, tgt, shape = pair(arch)
+    strategy = LoRA(r=2, alpha=4.0)
+    model = strategy.build(src, tgt)
+    with torch.no_grad():  # as if trained: B away from zero
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.2)
+    x = torch.randn(6, *shape)
+    model.eval()
+    with torch.no_grad():
+        before = model(x)
+        merged = LoRA.merge(model)
+        after = merged(x)
+    assert not any(isinstance(m, LoRALayer) for m in merged.modules())
+    assert not any("lora_" in k or "base_layer" in k for k in merged.state_dict())
+    plain = ARCHS[arch][0](3)
+    plain.load_state_dict(merged.state_dict())  # strict: exactly the plain architecture's keys
+    torch.testing.assert_close(after, before, rtol=0, atol=1e-5)
+    with torch.no_grad():
+        torch.testing.assert_close(plain.eval()(x), before, rtol=0, atol=1e-5)
+
+
+def test_lora_and_adapter_config_errors_name_the_key():
+    src, tgt, _ = pair()
+    with pytest.raises(ConfigError, match="backbone.conv1.1 is a BatchNorm2d"):
+        LoRA(layers=["backbone.conv1.1"]).build(src, tgt)
+    with pytest.raises(ConfigError, match="strategy.r=0"):
+        LoRA(r=0)
+    with pytest.raises(ConfigError, match="'backbone.nope' matches no module"):
+        Adapter(layers=["backbone.nope"]).build(*pair()[:2])
+
+
+@pytest.mark.parametrize("strategy_cls", [Adapter, LoRA, LinearProbe])
+def test_trainable_only_checkpoint_loads_back_to_the_same_model(strategy_cls, tmp_path):
+    src, tgt, shape = pair()
+    model = strategy_cls().build(src, tgt)
+    train_steps(model, strategy_cls(), shape, steps=3)
+    path = save_trainable(model, tmp_path / "t.safetensors", "key123")
+    torch.manual_seed(7)  # a different fresh head: only the file can make the models agree
+    again = strategy_cls().build(copy.deepcopy(src), ARCHS["convnet"][0](3))
+    x = torch.randn(5, *shape)
+    model.eval(), again.eval()
+    assert not torch.allclose(again(x), model(x))
+    assert load_trainable(again, path) == "key123"
+    torch.testing.assert_close(again(x), model(x), rtol=0, atol=0)
+    from safetensors import safe_open
+    with safe_open(str(path), framework="pt") as f:
+        keys = set(f.keys())
+    assert not any(".base_layer." in k for k in keys) and "backbone.conv1.0.weight" not in keys
+
+
+# --- multitask ------------------------------------------------------------------------------------
+def test_multitask_loss_is_the_weighted_sum_of_both_tasks():
+    src, tgt, shape = pair()
+    strategy = MultiTask(source_weight=0.3, target_weight=2.0)
+    model = strategy.build(src, tgt)
+    module = make_module(model, strategy)
+    module.eval()  # no BatchNorm batch statistics: per-task forwards equal the joint forward
+    (xt, yt), (xs, ys) = batch(shape), batch(shape, k=4)
+    loss = strategy.training_loss(module, ((xt, yt), (xs, ys)))
+    want = 2.0 * F.cross_entropy(model(xt), yt) + 0.3 * F.cross_entropy(model.forward_source(xs), ys)
+    torch.testing.assert_close(loss, want)
+    torch.testing.assert_close(model.forward_source(xs), src.eval()(xs), rtol=0, atol=1e-6)
+
+
+def test_joint_loader_pairs_every_target_batch_with_a_cycling_source():
+    target, source = [("t", i) for i in range(5)], [("s", i) for i in range(2)]
+    pairs = list(JointLoader(target, source))
+    assert len(pairs) == 5 == len(JointLoader(target, source))
+    assert [s[1] for _, s in pairs] == [0, 1, 0, 1, 0]
+
+
+def test_multitask_run_reports_both_tasks(tmp_path):
+    cfg = compose_cfg("strategy=multitask", "target.data.classes=[0,1,2]", store=tmp_path / "store")
+    res = run(cfg, tmp_path / "out", {"strategy": "multitask"})
+    saved = json.loads((tmp_path / "out" / "results.json").read_text())
+    src_task = saved["strategy_report"]["source_task"]
+    assert 0.0 <= src_task["test/acc"] <= 1.0 and src_task["test/loss"] > 0
+    assert saved["metrics"]["test/acc"] == res["metrics"]["test/acc"]
+    assert saved["data"]["target"]["classes"] == [0, 1, 2]  # test/acc is the 3-class target's
+
+
+# --- gradual unfreezing (Lightning BaseFinetuning), including resume -----------------------------
+class Recorder(L.Callback):
+    """Per epoch, at its first batch: the trainable parameter names and the optimizer groups."""
+
+    def __init__(self):
+        self.trainable, self.groups = {}, {}
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        e = trainer.current_epoch
+        if e not in self.trainable:
+            names = {id(p): n for n, p in pl_module.model.named_parameters()}
+            self.trainable[e] = {n for n, p in pl_module.model.named_parameters() if p.requires_grad}
+            self.groups[e] = [(g.get("name"), g["lr"], sorted(names[id(p)] for p in g["params"]))
+                              for g in trainer.optimizers[0].param_groups]
+
+
+def gu_fit(max_epochs, ckpt_path=None, save_to=None, test=False):
+    src, tgt, _ = pair()
+    strategy = GradualUnfreeze(start=1, every=1, lr_ratio=0.5)
+    model = strategy.build(src, tgt)
+    module = TransferModule(model, strategy, lambda g: torch.optim.Adam(g, lr=0.01), lr=0.01,
+                            num_classes=3)
+    dm = SyntheticData(num_classes=3, shape=(1, 12, 12), n_train=24, n_test=8, batch_size=8)
+    rec = Recorder()
+    trainer = L.Trainer(max_epochs=max_epochs, accelerator="cpu", logger=False, limit_val_batches=0,
+                        enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, callbacks=[*strategy.callbacks(), rec])
+    trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path)
+    if save_to:
+        trainer.save_checkpoint(save_to)
+    if test:
+        trainer.test(module, datamodule=dm, verbose=False)
+    return rec, trainer, module
+
+
+def test_gradual_unfreeze_trainable_set_per_epoch_and_after_resume(tmp_path):
+    full, trainer, module = gu_fit(4, test=True)
+    head = {"head.weight", "head.bias"}
+    conv = {b: {n for n, _ in module.model.named_parameters() if n.startswith(f"backbone.{b}.")}
+            for b in ("conv1", "conv2")}
+    assert full.trainable == {0: head, 1: head | conv["conv2"], 2: head | conv["conv2"] | conv["conv1"],
+                              3: head | conv["conv2"] | conv["conv1"]}
+    assert [(g[0], g[1]) for g in full.groups[3]] == [("all", 0.01), ("backbone.conv2", 0.005),
+                                                      ("backbone.conv1", 0.005)]
+    # trainer.test() after fit must not re-freeze what trained (the run saves weights after it)
+    assert all(p.requires_grad for p in module.model.parameters())
+
+    # stop after epoch 2 (both blocks unfrozen), resume in a fresh process-like setup to epoch 4
+    ckpt = tmp_path / "gu.ckpt"
+    gu_fit(2, save_to=ckpt)
+    resumed, trainer2, _ = gu_fit(4, ckpt_path=str(ckpt))
+    assert sorted(resumed.trainable) == [2, 3]
+    for e in (2, 3):
+        assert resumed.trainable[e] == full.trainable[e]
+        assert resumed.groups[e] == full.groups[e]
+    # the optimizer state came back with the groups: Adam step counts equal the uninterrupted run's
+    steps = lambda t: sorted(float(s["step"]) for s in t.optimizers[0].state_dict()["state"].values())
+    assert steps(trainer2) == steps(trainer)
