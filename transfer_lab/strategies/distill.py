@@ -181,8 +181,9 @@ class Distill(Strategy):
         if next(teacher.parameters()).device != x.device:
             teacher.to(x.device)
         teacher.eval()  # Lightning's train() calls never reach it: it is not registered
-        with torch.no_grad(), self.t_capture:
-            t_logits = teacher(self.teacher_input(x))
+        if self.kd_weight or self.hints or self.attention:  # kd_weight=0 alone: the student alone
+            with torch.no_grad(), self.t_capture:
+                t_logits = teacher(self.teacher_input(x))
         with self.s_capture:
             logits = module(x)
         terms = {"ce": F.cross_entropy(logits, y, weight=module.class_weights)}
