@@ -1,0 +1,209 @@
+"""Issue 8 analyses: linear CKA, weight drift, LogME / LEEP, Kendall's τ, analyze on real runs."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import compose_cfg
+from transfer_lab.analysis import (cka_matrix, kendall_tau, leep, linear_cka, logme, relative_drift,
+                                   transferability)
+from transfer_lab.analysis.runs import run_labels
+from transfer_lab.analysis.summary import rank_summary
+from transfer_lab.analysis.transferability import logme_column, logme_evidence
+from transfer_lab.analyze import main as analyze_main
+from transfer_lab.data import SyntheticData
+from transfer_lab.models import convnet
+from transfer_lab.run import run
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """These tensors are tiny: on a shared CPU, intra-op threads cost more than they save."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+# --- CKA ------------------------------------------------------------------------------------------
+def test_cka_is_one_with_itself_and_invariant_to_rotation_and_scale():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(60, 12, generator=g, dtype=torch.float64)
+    q, _ = torch.linalg.qr(torch.randn(12, 12, generator=g, dtype=torch.float64))
+    assert linear_cka(x, x) == pytest.approx(1.0, abs=1e-12)
+    assert linear_cka(x, x.double() @ q) == pytest.approx(1.0, abs=1e-10)
+    y = torch.randn(60, 7, generator=g).double() @ torch.randn(7, 30, generator=g).double()
+    base = linear_cka(x, y)
+    assert 0 < base < 1
+    assert linear_cka(x.double() @ q * 3.7, y * 0.01) == pytest.approx(base, abs=1e-10)
+    # a non-orthogonal map changes it: the invariance is specific, not a constant function
+    stretch = torch.diag(torch.tensor([50.0] + [1.0] * 11, dtype=torch.float64))
+    assert abs(linear_cka(x @ stretch, y) - base) > 1e-3
+
+
+def test_cka_gram_form_equals_the_feature_space_formula():
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(40, 5, generator=g).double(), torch.randn(40, 9, generator=g).double()
+    xc, yc = x - x.mean(0), y - y.mean(0)
+    expected = (torch.linalg.norm(yc.T @ xc) ** 2 /
+                (torch.linalg.norm(xc.T @ xc) * torch.linalg.norm(yc.T @ yc)))
+    assert linear_cka(x, y) == pytest.approx(float(expected), rel=1e-10)
+    assert cka_matrix([x, y], [y])[0][0] == pytest.approx(float(expected), rel=1e-10)
+    # 4-d conv maps are flattened per input
+    assert linear_cka(x.reshape(40, 5, 1, 1), y) == pytest.approx(float(expected), rel=1e-10)
+
+
+def test_drift_is_zero_for_identical_and_none_for_mismatched_layers():
+    torch.manual_seed(0)
+    a, b = convnet(1, 12, 3, channels=[4, 8]), convnet(1, 12, 3, channels=[4, 16])
+    paths = ["backbone.conv1", "backbone.conv2"]
+    d = relative_drift(a, a, paths)
+    assert d == {"backbone.conv1": 0.0, "backbone.conv2": 0.0}
+    d = relative_drift(a, b, paths + ["backbone.nope"])
+    assert d["backbone.conv2"] is None and d["backbone.nope"] is None and d["backbone.conv1"] > 0
+    with torch.no_grad():
+        c = convnet(1, 12, 3, channels=[4, 8])
+        c.load_state_dict(a.state_dict())
+        c.backbone.conv1[0].weight.mul_(1.5)  # BN weight/bias unchanged
+    w, bn = a.backbone.conv1[0].weight.detach(), a.backbone.conv1[1]
+    expect = 0.5 * w.norm() / torch.cat([w.flatten(), bn.weight.detach(), bn.bias.detach()]).norm()
+    assert relative_drift(a, c, paths)["backbone.conv1"] == pytest.approx(float(expect), rel=1e-6)
+
+
+# --- LogME / LEEP -----------------------------------------------------------------------------------
+F_TINY = np.array([[1.0, 0.0], [0.9, 0.2], [0.1, 1.0], [0.0, 0.8], [0.5, 0.5], [0.8, 0.1]])
+Y_TINY = np.array([0, 0, 1, 1, 1, 0])
+
+
+def gaussian_log_evidence(f, y, alpha, beta):
+    """log N(y; 0, FFᵀ/α + I/β) / N: the marginal likelihood LogME maximises, computed directly."""
+    cov = f @ f.T / alpha + np.eye(len(y)) / beta
+    _, logdet = np.linalg.slogdet(cov)
+    return float(-0.5 * (y @ np.linalg.solve(cov, y) + logdet + len(y) * np.log(2 * np.pi))) / len(y)
+
+
+def test_logme_evidence_equals_the_gaussian_marginal_likelihood_and_is_maximised():
+    col = (Y_TINY == 1).astype(float)
+    for alpha, beta in [(1.0, 1.0), (0.3, 7.0), (5.0, 0.5)]:
+        assert logme_evidence(F_TINY, col, alpha, beta) == pytest.approx(
+            gaussian_log_evidence(F_TINY, col, alpha, beta), abs=1e-10)
+    best, alpha, beta = logme_column(F_TINY, col)
+    grid = [gaussian_log_evidence(F_TINY, col, a, b)
+            for a in np.geomspace(1e-3, 1e3, 31) for b in np.geomspace(1e-3, 1e3, 31)]
+    assert best >= max(grid) - 1e-9  # the fixed point is the maximum, not just a stationary guess
+    for da, db in [(1.05, 1), (1 / 1.05, 1), (1, 1.05), (1, 1 / 1.05)]:
+        assert best >= gaussian_log_evidence(F_TINY, col, alpha * da, beta * db)
+    assert logme(F_TINY, Y_TINY) == pytest.approx(
+        np.mean([logme_column(F_TINY, (Y_TINY == c).astype(float))[0] for c in (0, 1)]))
+
+
+def test_leep_matches_a_hand_computation():
+    theta = np.array([[0.9, 0.1], [0.6, 0.4], [0.2, 0.8]])
+    y = np.array([0, 1, 1])
+    # P(y,z) = 1/3 Σ θ: y=0: (0.3, 0.0333); y=1: (0.2667, 0.4); P(z) = (0.5667, 0.4333)
+    p_y_given_z = np.array([[0.3 / (1.7 / 3), (0.1 / 3) / (1.3 / 3)],
+                            [(0.8 / 3) / (1.7 / 3), (1.2 / 3) / (1.3 / 3)]])
+    by_hand = np.mean([np.log(theta[i] @ p_y_given_z[y[i]]) for i in range(3)])
+    assert leep(theta, y) == pytest.approx(by_hand, abs=1e-12)
+    # a source whose classes map one-to-one onto the target's scores log 1 = 0
+    assert leep(np.eye(2)[[0, 1, 1, 0]], np.array([1, 0, 0, 1])) == pytest.approx(0.0, abs=1e-12)
+
+
+def test_trained_source_outranks_a_random_network_on_synthetic_data():
+    dm = SyntheticData(num_classes=4, shape=(1, 12, 12), n_train=60, n_test=10, noise=0.5,
+                       val_fraction=0.0).prepare()
+    torch.manual_seed(0)
+    random_net = convnet(1, 12, 4, channels=[8, 16])
+    torch.manual_seed(0)
+    good = convnet(1, 12, 4, channels=[8, 16])
+    opt = torch.optim.Adam(good.parameters(), lr=0.01)
+    x = dm.transform(dm.x_train, train=False)
+    for _ in range(25):
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(good(x), dm.y_train).backward()
+        opt.step()
+    s_good, s_rand = transferability(good.eval(), dm), transferability(random_net.eval(), dm)
+    assert s_good["n"] == 240
+    assert s_good["logme"] > s_rand["logme"] and s_good["leep"] > s_rand["leep"]
+
+
+# --- ranking ---------------------------------------------------------------------------------------
+def test_kendall_tau_by_hand_and_against_scipy():
+    assert kendall_tau([1, 2, 3, 4], [10, 20, 30, 40]) == 1.0
+    assert kendall_tau([1, 2, 3, 4], [4, 3, 2, 1]) == -1.0
+    assert kendall_tau([1, 2, 3], [1, 3, 2]) == pytest.approx(1 / 3)  # 2 concordant, 1 discordant
+    assert math.isnan(kendall_tau([1, 1, 1], [1, 2, 3]))
+    stats = pytest.importorskip("scipy.stats")
+    a, b = [0.1, 0.4, 0.4, 0.9, 0.3, 0.7], [3, 1, 2, 2, 5, 8]
+    assert kendall_tau(a, b) == pytest.approx(stats.kendalltau(a, b).statistic)
+
+
+def test_rank_summary_groups_sources_over_seeds():
+    results, scores = [], []
+    for seed in (0, 1):
+        for model, acc, s in (("convnet", 0.9, 2.0), ("lenet", 0.8, 1.0), ("mlp", 0.7, 1.5)):
+            results.append({"seed": seed, "choices": {"model@source.model": model, "strategy": "finetune"},
+                            "config": {"seed": seed, "source": {"model": {"_target_": model}}},
+                            "metrics": {"test/acc": acc + 0.01 * seed}})
+            scores.append({"logme": s, "leep": -s})
+    assert run_labels(results)[:2] == ["model@source.model=convnet", "model@source.model=lenet"]
+    out = rank_summary(results, scores)
+    assert len(out["rows"]) == 3 and all(r["n"] == 2 for r in out["rows"])
+    assert out["tau_of_means"]["logme"] == pytest.approx(1 / 3)
+    assert out["tau_of_means"]["leep"] == pytest.approx(-1 / 3)
+    assert out["tau_per_seed"][1]["logme"] == pytest.approx(1 / 3)
+
+
+# --- analyze on finished runs --------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def finished_runs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("runs")
+    store = root / "store"
+    out = {}
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    for strategy in ("linear_probe", "finetune"):
+        cfg = compose_cfg(f"strategy={strategy}", "source.epochs=1", store=store)
+        out[strategy] = (root / "multirun" / strategy, run(cfg, root / "multirun" / strategy))
+    torch.set_num_threads(before)
+    return root, out
+
+
+def test_analyze_linear_probe_has_zero_backbone_drift_and_identical_features(finished_runs):
+    root, runs = finished_runs
+    run_dir, results = runs["linear_probe"]
+    assert results["weights"]["mode"] == "trainable"  # rebuilt from the source + overlay
+    assert analyze_main([str(run_dir)]) == 0
+    a = json.loads((run_dir / "analysis" / "analysis.json").read_text())
+    assert a["drift"] and all(v == 0.0 for v in a["drift"].values())
+    for path, value in a["cka"]["diagonal"].items():
+        if path != "head":
+            assert value == pytest.approx(1.0, abs=1e-6), path
+    # the reloaded target reproduces the accuracy the run measured
+    assert a["metrics"]["acc"] == pytest.approx(results["metrics"]["test/acc"], abs=1e-6)
+    assert (run_dir / "analysis" / "cka.png").stat().st_size > 1000
+    assert (run_dir / "analysis" / "drift.png").stat().st_size > 1000
+
+
+def test_analyze_finetune_moves_weights_and_ranks_and_metrics(finished_runs, capsys):
+    root, runs = finished_runs
+    run_dir, results = runs["finetune"]
+    assert results["weights"]["mode"] == "full"
+    assert analyze_main([str(run_dir)]) == 0
+    a = json.loads((run_dir / "analysis" / "analysis.json").read_text())
+    assert all(v > 0 for v in a["drift"].values())
+    assert a["metrics"]["acc"] == pytest.approx(results["metrics"]["test/acc"], abs=1e-6)
+    assert analyze_main(["--metrics", str(root / "multirun")]) == 0
+    assert "balanced acc" in capsys.readouterr().out
+    out_json = root / "rank.json"
+    assert analyze_main(["--rank", str(root / "multirun"), "--json", str(out_json)]) == 0
+    rank = json.loads(out_json.read_text())
+    assert len(rank["rows"]) == 2 and all(math.isfinite(r["logme"]) for r in rank["rows"])
+
+
+def test_analyze_names_a_directory_without_runs(tmp_path, capsys):
+    assert analyze_main([str(tmp_path)]) == 2
+    assert "no finished runs" in capsys.readouterr().err
