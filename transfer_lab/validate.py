@@ -1,0 +1,283 @@
+"""Checks that turn bad input into one clear line (``ConfigError``) before anything trains.
+
+* ``check_leaf`` / ``validate_config``: every ``_target_`` leaf of a composed config against its
+  constructor's signature — unknown keys, values of the wrong type, unresolved ``???`` — plus
+  the run's own scalar keys (seed, epochs, learning rates).
+* ``check_model_spec`` / ``rebuild_reference`` / ``check_state`` / ``validate_package``: a state
+  dict from outside (a knowledge package, a checkpoint) against the model its config rebuilds —
+  keys, shapes, dtypes — without trusting the config to name arbitrary code.
+* ``load_into``: a strict, shape-checked ``load_state_dict`` that fails with one line.
+* ``preflight_build``: a strategy's ``build`` on freshly initialised models, so a glob matching
+  nothing, a strict-copy shape mismatch or an incompatible source/target fails before the source
+  stage trains for hours.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import inspect
+import io
+import types
+import typing
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from transfer_lab.data.datamodule import ConfigError
+
+#: a package's model ``_target_`` must live here: a config from outside names no other code
+MODEL_TARGET_PREFIX = "transfer_lab.models."
+#: keys the run injects into leaves (not in the YAML, but accepted by the constructors)
+INJECTED = {"data": {"seed", "key", "channels", "image_size"},
+            "model": {"in_channels", "image_size", "num_classes"}}
+
+
+# --- config leaves against their constructors ---------------------------------------------------
+def _resolve_target(target: str, key: str) -> Callable:
+    from hydra.utils import get_object
+
+    try:
+        return get_object(target)
+    except Exception as e:  # noqa: BLE001 — import errors of any kind become one line
+        raise ConfigError(f"{key}._target_={target!r}: cannot be imported "
+                          f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
+
+
+def _parameters(fn: Callable) -> tuple[dict[str, inspect.Parameter], dict[str, Any], bool]:
+    """Named parameters and type hints of ``fn`` (a class: its ``__init__`` up the MRO while
+    each level forwards ``**kwargs``); the flag says whether unknown keys are accepted anyway."""
+    chain = [c.__init__ for c in fn.__mro__ if "__init__" in vars(c)] if inspect.isclass(fn) else [fn]
+    params: dict[str, inspect.Parameter] = {}
+    hints: dict[str, Any] = {}
+    for f in chain:
+        try:
+            sig = inspect.signature(f)
+        except (TypeError, ValueError):
+            return params, hints, True
+        try:
+            hints = {**typing.get_type_hints(f), **hints}
+        except Exception:  # noqa: BLE001 — unresolvable annotations: skip type checks, keep names
+            pass
+        var_kw = False
+        for name, p in sig.parameters.items():
+            if name == "self" or p.kind is p.VAR_POSITIONAL:
+                continue
+            if p.kind is p.VAR_KEYWORD:
+                var_kw = True
+                continue
+            params.setdefault(name, p)
+        if not var_kw:  # this level takes no **kwargs: the parameter set is closed
+            return params, hints, False
+    return params, hints, True
+
+
+def _matches(value: Any, hint: Any) -> bool | None:
+    """Does ``value`` (a plain container value) fit ``hint``? None: cannot tell, do not judge."""
+    if hint is Any or hint is inspect.Parameter.empty:
+        return None
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        verdicts = [_matches(value, a) for a in typing.get_args(hint)]
+        return True if any(v is True for v in verdicts) else (None if None in verdicts else False)
+    if hint is type(None):
+        return value is None
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is str:
+        return isinstance(value, str)
+    base = origin or hint
+    if base in (list, tuple, Sequence, typing.Sequence):
+        if not isinstance(value, (list, tuple)):
+            return False
+        args = [a for a in typing.get_args(hint) if a is not Ellipsis]
+        if len(args) == 1:
+            inner = [_matches(v, args[0]) for v in value]
+            return False if False in inner else (None if None in inner else True)
+        return True
+    if base in (dict, Mapping):
+        return isinstance(value, dict)
+    return None
+
+
+def _describe(hint: Any) -> str:
+    text = str(hint).replace("typing.", "").replace("collections.abc.", "")
+    return text.replace("<class '", "").replace("'>", "").replace("NoneType", "null")
+
+
+def check_leaf(node: Mapping[str, Any], key: str, injected: set[str] = frozenset()) -> None:
+    """One ``_target_`` node (plain dict) against its constructor's signature."""
+    target = node.get("_target_")
+    if not isinstance(target, str):
+        raise ConfigError(f"{key}._target_: missing or not a string ({target!r})")
+    params, hints, open_kw = _parameters(_resolve_target(target, key))
+    for name, value in node.items():
+        if name.startswith("_") and name.endswith("_"):
+            continue
+        if value == "???":
+            raise ConfigError(f"{key}.{name}: missing value (???); set it on the command line, "
+                              f"e.g. {key}.{name}=...")
+        if name not in params:
+            if open_kw:
+                continue
+            valid = sorted(set(params) - injected)
+            raise ConfigError(f"{key}.{name}: unknown option for {target}; valid: {', '.join(valid)}")
+        if _matches(value, hints.get(name, inspect.Parameter.empty)) is False:
+            raise ConfigError(f"{key}.{name}={value!r}: expected {_describe(hints[name])}")
+    required = [n for n, p in params.items() if p.default is p.empty
+                and n not in node and n not in injected]
+    if required:
+        raise ConfigError(f"{key}: {target} needs {', '.join(required)} (missing key)")
+
+
+def _scalar(cfg: Mapping[str, Any], path: str, kind: type, minimum: float | None = None) -> None:
+    node: Any = cfg
+    for part in path.split("."):
+        if not isinstance(node, Mapping) or part not in node:
+            return
+        node = node[part]
+    ok = isinstance(node, kind) and not isinstance(node, bool) if kind is not float else (
+        isinstance(node, (int, float)) and not isinstance(node, bool))
+    if not ok:
+        raise ConfigError(f"{path}={node!r}: expected {kind.__name__}")
+    if minimum is not None and node < minimum:
+        raise ConfigError(f"{path}={node!r}: must be ≥ {minimum}")
+
+
+def validate_config(cfg: Any) -> None:
+    """Check a composed run config (``DictConfig`` or dict) without instantiating anything."""
+    from omegaconf import DictConfig, OmegaConf
+    from omegaconf.errors import MissingMandatoryValue
+
+    if isinstance(cfg, DictConfig):
+        try:
+            plain = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
+        except MissingMandatoryValue as e:
+            raise ConfigError(f"{e.full_key}: missing value (???); set it on the command line, "
+                              f"e.g. {e.full_key}=...") from None
+    else:
+        plain = cfg
+    _scalar(plain, "seed", int)
+    for stage in ("source", "target"):
+        _scalar(plain, f"{stage}.epochs", int, 0 if stage == "source" else 1)
+        _scalar(plain, f"{stage}.optimizer.lr", float, 0)
+        for kind in ("data", "model", "optimizer"):
+            node = plain.get(stage, {}).get(kind)
+            if isinstance(node, Mapping) and "_target_" in node:
+                check_leaf(node, f"{stage}.{kind}", INJECTED.get(kind, set()) | (
+                    {"params"} if kind == "optimizer" else set()))
+    if isinstance(plain.get("strategy"), Mapping):
+        check_leaf(plain["strategy"], "strategy")
+
+
+# --- state dicts from outside --------------------------------------------------------------------
+def _nested_targets(obj: Any, path: str) -> list[str]:
+    if isinstance(obj, Mapping):
+        found = [f"{path}._target_"] if "_target_" in obj else []
+        for k, v in obj.items():
+            found += _nested_targets(v, f"{path}.{k}")
+        return found
+    if isinstance(obj, (list, tuple)):
+        return [t for i, v in enumerate(obj) for t in _nested_targets(v, f"{path}[{i}]")]
+    return []
+
+
+def check_model_spec(config: Mapping[str, Any], where: str) -> tuple[dict, tuple[int, int, int], int]:
+    """The model part of a store/package config, checked so that rebuilding it runs no foreign code."""
+    model = config.get("model")
+    if not isinstance(model, Mapping) or not isinstance(model.get("_target_"), str):
+        raise ConfigError(f"{where}: config.json has no model._target_")
+    target = model["_target_"]
+    if not target.startswith(MODEL_TARGET_PREFIX) or not target[len(MODEL_TARGET_PREFIX):].isidentifier():
+        raise ConfigError(f"{where}: model._target_={target!r} is not a transfer_lab model "
+                          f"(only {MODEL_TARGET_PREFIX}* is rebuilt from a package)")
+    nested = [t for t in _nested_targets(model, "model") if t != "model._target_"]
+    if nested or any(k in model for k in ("_args_", "_partial_")):
+        raise ConfigError(f"{where}: model config carries {nested or '_args_/_partial_'}; refused")
+    shape, n = config.get("input_shape"), config.get("num_classes")
+    if (not isinstance(shape, (list, tuple)) or len(shape) != 3
+            or not all(isinstance(s, int) and s > 0 for s in shape)):
+        raise ConfigError(f"{where}: input_shape={shape!r}: expected [C, H, W] positive integers")
+    if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+        raise ConfigError(f"{where}: num_classes={n!r}: expected a positive integer")
+    return dict(model), (shape[0], shape[1], shape[2]), n
+
+
+def rebuild_reference(config: Mapping[str, Any], where: str) -> dict[str, torch.Tensor]:
+    """The state dict (on the meta device: shapes and dtypes, no memory) of the model the config
+    rebuilds. Pretrained-weight options are dropped: only the architecture matters here."""
+    from hydra.utils import instantiate
+
+    model, (c, _, s), n = check_model_spec(config, where)
+    for k in ("weights", "checkpoint"):
+        if k in model:
+            model[k] = None
+    try:
+        with torch.device("meta"):
+            net = instantiate(model, in_channels=c, image_size=s, num_classes=n)
+    except ConfigError:
+        raise
+    except Exception as e:  # noqa: BLE001 — a config that builds no model is a bad package
+        raise ConfigError(f"{where}: model {model['_target_']} cannot be rebuilt from its config "
+                          f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
+    return net.state_dict()
+
+
+def check_state(state: Mapping[str, torch.Tensor], reference: Mapping[str, torch.Tensor],
+                where: str, *, dtypes: bool = True) -> None:
+    """Same keys, shapes and (optionally) dtypes as ``reference``, or one line naming the first fault."""
+    missing = [k for k in reference if k not in state]
+    unexpected = [k for k in state if k not in reference]
+    if missing or unexpected:
+        raise ConfigError(f"{where}: tensors do not match the model (missing {missing[:3]}"
+                          f"{'...' if len(missing) > 3 else ''}, unexpected {unexpected[:3]}"
+                          f"{'...' if len(unexpected) > 3 else ''})")
+    for k, ref in reference.items():
+        got = state[k]
+        if not isinstance(got, torch.Tensor):
+            raise ConfigError(f"{where}: {k} is a {type(got).__name__}, not a tensor")
+        if tuple(got.shape) != tuple(ref.shape):
+            raise ConfigError(f"{where}: {k} has shape {tuple(got.shape)}, the model expects "
+                              f"{tuple(ref.shape)}")
+        if dtypes and got.dtype != ref.dtype:
+            raise ConfigError(f"{where}: {k} has dtype {got.dtype}, the model expects {ref.dtype}")
+        if got.is_floating_point() and got.numel() and not torch.isfinite(got).all():
+            raise ConfigError(f"{where}: {k} holds non-finite values")
+
+
+def validate_package(state: Mapping[str, torch.Tensor], config: Mapping[str, Any], where: str) -> None:
+    """A package's tensors against the model its own config rebuilds (keys, shapes, dtypes)."""
+    check_state(state, rebuild_reference(config, where), where)
+
+
+def load_into(model: nn.Module, state: Mapping[str, torch.Tensor], where: str) -> nn.Module:
+    """``model.load_state_dict(state)`` after ``check_state`` (dtypes may differ: they are cast)."""
+    check_state(state, model.state_dict(), where, dtypes=False)
+    model.load_state_dict(dict(state))
+    return model
+
+
+# --- strategies against the models they will meet -------------------------------------------------
+def preflight_build(strategy: Any, source: nn.Module | None, target: nn.Module) -> None:
+    """Run a copy of ``strategy.build`` on freshly initialised models (output silenced).
+
+    Layer globs, block counts, strict copies and architecture compatibility are checked by the
+    build itself, so this is the real check, just early: before the source stage trains.
+    Non-config exceptions from a failing build are turned into one ``ConfigError`` line.
+    """
+    trial = copy.deepcopy(strategy)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            trial.build(copy.deepcopy(source) if source is not None else None, copy.deepcopy(target))
+    except ConfigError:
+        raise
+    except (RuntimeError, ValueError, KeyError, AttributeError, IndexError, TypeError) as e:
+        msg = str(e).strip().splitlines()[-1].strip() if str(e).strip() else ""
+        raise ConfigError(f"strategy={getattr(strategy, 'name', type(strategy).__name__)}: cannot "
+                          f"build the target from this source ({type(e).__name__}: {msg})") from None
