@@ -6,9 +6,11 @@ is the plain-code wiring between them.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import time
@@ -19,7 +21,9 @@ from typing import Any
 import lightning as L
 import torch
 from hydra.utils import instantiate
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 from safetensors.torch import save_file
 
@@ -35,6 +39,9 @@ from transfer_lab.strategies.scratch import Scratch
 
 log = logging.getLogger("transfer_lab")
 SAVE_MODES = ("auto", "trainable", "full", "none")
+LOGGERS = ("csv", "tensorboard", "none")
+# keys that change how a run is executed or logged, not its result: resuming ignores them
+NON_RESULT_KEYS = ("resume", "logger", "store_dir")
 # Lightning's per-Trainer banners ("GPU available", tips) drown a sweep's one-line summaries
 for _name in ("lightning.pytorch.utilities.rank_zero", "lightning.pytorch.accelerators.cuda",
               "lightning.fabric.utilities.rank_zero"):
@@ -45,19 +52,24 @@ warnings.filterwarnings("ignore", message=".*smaller than the logging interval.*
 warnings.filterwarnings("ignore", message=".*module\(s\) in eval mode at the start of training.*")
 
 
-def run(cfg: DictConfig, out_dir: str | Path, choices: dict[str, Any] | None = None) -> dict:
-    """Run one source → target transfer and write ``<out_dir>/results.json``. Returns the results."""
+def run(cfg: DictConfig, out_dir: str | Path, choices: dict[str, Any] | None = None,
+        devices: Any = None) -> dict:
+    """Run one source → target transfer and write ``<out_dir>/results.json``. Returns the results.
+
+    ``devices`` (e.g. ``[1]`` from a parallel sweep's placement) replaces ``trainer.devices``
+    without entering the config, so it does not change the config hash that resuming compares.
+    """
     out_dir = Path(out_dir)
     choices = dict(choices or {})
     started = time.perf_counter()
     strategy, source_dm, target_dm, tgt_model_cfg = prepare(cfg)
     results: dict[str, Any] = {
         "status": "running", "strategy": choices.get("strategy") or strategy.name,
-        "seed": int(cfg.seed), "choices": choices,
+        "seed": int(cfg.seed), "choices": choices, "config_hash": config_hash(cfg),
         "config": OmegaConf.to_container(cfg, resolve=True), "env": environment()}
 
     t0 = time.perf_counter()
-    source, results["source"] = source_stage(cfg, strategy, source_dm)
+    source, results["source"] = source_stage(cfg, strategy, source_dm, devices)
     source_s = time.perf_counter() - t0
 
     L.seed_everything(int(cfg.seed), verbose=False)  # the target init is the same whatever the source path
@@ -71,9 +83,16 @@ def run(cfg: DictConfig, out_dir: str | Path, choices: dict[str, Any] | None = N
     results["params"] = {"total": sum(p.numel() for p in model.parameters()),
                          "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad)}
     t0 = time.perf_counter()
-    trainer = make_trainer(cfg, "target", out_dir, strategy.callbacks())
+    ckpt_dir = out_dir / "checkpoints"
+    callbacks = strategy.callbacks()
+    if cfg.get("resume", True):  # the last epoch's state, so a killed cell resumes rather than restarts
+        callbacks.append(ModelCheckpoint(dirpath=ckpt_dir, filename="last", save_top_k=1, monitor=None,
+                                         enable_version_counter=False))
+    trainer = make_trainer(cfg, "target", out_dir, callbacks, devices)
+    resume_from = last_checkpoint(ckpt_dir) if cfg.get("resume", True) else None
     try:
-        trainer.fit(module, datamodule=strategy.datamodule(target_dm, source_dm))
+        trainer.fit(module, datamodule=strategy.datamodule(target_dm, source_dm),
+                    ckpt_path=str(resume_from[0]) if resume_from else None)
         tested = trainer.test(module, datamodule=target_dm, verbose=False)[0]
     except Exception as e:
         results.update(status="failed", error=f"{type(e).__name__}: {e}")
@@ -84,6 +103,8 @@ def run(cfg: DictConfig, out_dir: str | Path, choices: dict[str, Any] | None = N
     results["metrics"].update({k: float(v) for k, v in trainer.callback_metrics.items()
                                if k.startswith(("val/", "train/"))})
     results["strategy_report"] = strategy.report()
+    results["target_training"] = {"epochs": int(trainer.current_epoch),
+                                  "resumed_after_epoch": resume_from[1] if resume_from else None}
     if trainer.is_global_zero:
         results["weights"] = save_weights(model, out_dir, cfg.target.save_weights,
                                           results["source"].get("key"))
@@ -92,13 +113,53 @@ def run(cfg: DictConfig, out_dir: str | Path, choices: dict[str, Any] | None = N
     results["status"] = "ok"
     if trainer.is_global_zero:
         atomic_write_json(out_dir / "results.json", results)
+        shutil.rmtree(ckpt_dir, ignore_errors=True)  # the weights are saved; the resume state is not needed
     return results
+
+
+def config_hash(cfg: DictConfig | dict) -> str:
+    """Hash of the resolved config minus the keys that do not change a result (``NON_RESULT_KEYS``)."""
+    c = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg)
+    return store_key({k: v for k, v in c.items() if k not in NON_RESULT_KEYS})
+
+
+def completed(cfg: DictConfig, out_dir: str | Path) -> dict | None:
+    """The results of ``out_dir`` if it already holds a finished run of this same config, else None.
+
+    Sweep cells are skipped on this (``resume=false`` turns it off): the cell directory must be the
+    same, so sweeps meant to be resumed need a fixed ``hydra.sweep.dir`` (the experiment presets set one).
+    """
+    if not cfg.get("resume", True):
+        return None
+    try:
+        res = json.loads((Path(out_dir) / "results.json").read_text())
+    except (OSError, ValueError):
+        return None
+    same = res.get("config_hash") == config_hash(cfg) or config_hash(res.get("config") or {}) == config_hash(cfg)
+    return res if res.get("status") == "ok" and same else None
+
+
+def last_checkpoint(ckpt_dir: Path) -> tuple[Path, int] | None:
+    """``(path, epoch)`` of a readable ``last.ckpt``; an unreadable one (killed mid-write) is dropped."""
+    path = ckpt_dir / "last.ckpt"
+    if not path.is_file():
+        return None
+    try:  # our own file, written by this run's earlier attempt: a full (pickled) Lightning checkpoint
+        epoch = int(torch.load(path, map_location="cpu", weights_only=False)["epoch"])
+    except Exception as e:  # noqa: BLE001 — any damage means: start this cell over
+        log.warning("ignoring unreadable checkpoint %s (%s): training from the start", path, e)
+        if rank_zero_only.rank == 0:
+            path.unlink(missing_ok=True)
+        return None
+    log.info("resuming %s from its checkpoint after epoch %d", ckpt_dir.parent, epoch)
+    return path, epoch
 
 
 def prepare(cfg: DictConfig) -> tuple[Strategy, TransferDataModule | None, TransferDataModule, DictConfig]:
     """Instantiate and validate everything before any training: bad input fails here."""
     if cfg.target.save_weights not in SAVE_MODES:
         raise ConfigError(f"target.save_weights={cfg.target.save_weights!r}: valid: {', '.join(SAVE_MODES)}")
+    logger_names(cfg.get("logger", "csv"))
     strategy = instantiate(cfg.strategy)
     if not isinstance(strategy, Strategy):
         raise ConfigError(f"strategy._target_={cfg.strategy._target_}: not a transfer_lab Strategy")
@@ -150,9 +211,13 @@ def source_spec(cfg: DictConfig, dm: TransferDataModule) -> dict:
                          "transfer_lab": transfer_lab.__version__}}
 
 
-def source_stage(cfg: DictConfig, strategy: Strategy,
-                 dm: TransferDataModule | None) -> tuple[Classifier | None, dict]:
-    """The trained source model: from ``source.checkpoint``, from the store, or trained now."""
+def source_stage(cfg: DictConfig, strategy: Strategy, dm: TransferDataModule | None,
+                 devices: Any = None) -> tuple[Classifier | None, dict]:
+    """The trained source model: from ``source.checkpoint``, from the store, or trained now.
+
+    Under DDP only global rank 0 trains (on one device: the key does not hold the device count,
+    so the weights must not depend on it); the other ranks wait for the store entry and load it.
+    """
     if not strategy.needs_source:
         return None, {"used": False, "cache_hit": None}
     if cfg.source.get("checkpoint"):
@@ -166,17 +231,26 @@ def source_stage(cfg: DictConfig, strategy: Strategy,
         model = build_model(cfg.source.model, dm)
         module = TransferModule(model, Scratch(), instantiate(cfg.source.optimizer, _partial_=True),
                                 lr=float(cfg.source.optimizer.lr), num_classes=dm.num_classes)
-        trainer = make_trainer(cfg, "source", Path(cfg.store_dir) / ".logs" / key, [])
+        trainer = make_trainer(cfg, "source", Path(cfg.store_dir) / ".logs" / key, [], devices)
         trainer.fit(module, datamodule=dm)
         tested = trainer.test(module, datamodule=dm, verbose=False)[0]
         return model.state_dict(), {**spec, "key": key}, {k: float(v) for k, v in tested.items()}
 
     t0 = time.perf_counter()
-    state, _, metrics, hit = SourceStore(cfg.store_dir).get_or_create(key, train)
+    store = SourceStore(cfg.store_dir)
+    if rank_zero_only.rank != 0:
+        wait_for_entry(store, key)
+    state, _, metrics, hit = store.get_or_create(key, train)
     model = build_model(cfg.source.model, dm)
     model.load_state_dict(state)
     return model, {"used": True, "key": key, "cache_hit": hit, **metrics,
                    "load_or_train_s": round(time.perf_counter() - t0, 3)}
+
+
+def wait_for_entry(store: SourceStore, key: str, poll_s: float = 0.5) -> None:
+    """A non-zero rank's barrier: rank 0 trains the source (alone, on one device) and saves it."""
+    while not store.is_valid(key):
+        time.sleep(poll_s)
 
 
 def checkpoint_source(cfg: DictConfig) -> tuple[Classifier, dict]:
@@ -192,18 +266,53 @@ def checkpoint_source(cfg: DictConfig) -> tuple[Classifier, dict]:
     return model, {"used": True, "checkpoint": str(path), "cache_hit": None}
 
 
-def make_trainer(cfg: DictConfig, stage: str, out_dir: Path, callbacks: list) -> L.Trainer:
+def make_trainer(cfg: DictConfig, stage: str, out_dir: Path, callbacks: list,
+                 devices: Any = None) -> L.Trainer:
     """The shared ``trainer`` config plus the stage's own ``epochs`` and ``trainer`` overrides."""
     kwargs = dict(OmegaConf.to_container(cfg.trainer, resolve=True))
+    if devices is not None:
+        kwargs["devices"] = devices
+    if stage == "source":  # one device, one process: see source_stage
+        d = kwargs.get("devices")
+        kwargs.update(devices=d if isinstance(d, list) and len(d) == 1 else 1, num_nodes=1,
+                      strategy="auto" if "ddp" in str(kwargs.get("strategy")) else kwargs.get("strategy"))
     kwargs.update(OmegaConf.to_container(cfg[stage].trainer, resolve=True) or {})
     if kwargs.get("enable_progress_bar") is None:
         kwargs["enable_progress_bar"] = sys.stderr.isatty() and not os.environ.get("CI")
     kwargs.setdefault("max_epochs", int(cfg[stage].epochs))
     # callbacks from the trainer config (e.g. performance options) run beside the strategy's
     configured = [instantiate(c) for c in kwargs.pop("callbacks", None) or []]
-    logger = CSVLogger(str(out_dir), name=stage, version="")
-    return instantiate(kwargs, logger=logger, callbacks=[*configured, *callbacks],
-                       default_root_dir=str(out_dir))
+    if any(isinstance(c, ModelCheckpoint) for c in callbacks):
+        kwargs["enable_checkpointing"] = True
+    return instantiate(kwargs, logger=make_loggers(cfg.get("logger", "csv"), out_dir, stage),
+                       callbacks=[*configured, *callbacks], default_root_dir=str(out_dir))
+
+
+def make_loggers(spec: str | list | None, out_dir: Path, stage: str) -> list:
+    """``logger=csv`` (default), ``tensorboard``, ``csv,tensorboard`` or ``none``."""
+    names = logger_names(spec)
+    loggers: list = []
+    if "csv" in names:
+        loggers.append(CSVLogger(str(out_dir), name=stage, version=""))
+    if "tensorboard" in names:
+        from lightning.pytorch.loggers import TensorBoardLogger
+
+        loggers.append(TensorBoardLogger(str(out_dir), name=f"tb_{stage}", version=""))
+    return loggers or False
+
+
+def logger_names(spec: str | list | None) -> list[str]:
+    names = [str(n).strip() for n in (spec.split(",") if isinstance(spec, str) else list(spec or [])) if str(n).strip()]
+    bad = [n for n in names if n not in LOGGERS]
+    if bad:
+        raise ConfigError(f"logger={spec}: unknown {bad[0]!r}; valid: {', '.join(LOGGERS)} (comma-separated)")
+    if "tensorboard" in names:
+        try:
+            import tensorboard  # noqa: F401 — Lightning's own check fails later and less clearly
+        except ImportError:
+            raise ConfigError("logger=tensorboard: the tensorboard package is not installed; "
+                              "pip install 'transfer_lab[tensorboard]'") from None
+    return names
 
 
 def save_weights(model: torch.nn.Module, out_dir: Path, mode: str, source_key: str | None) -> dict:

@@ -1,0 +1,156 @@
+"""Sweeps: source trained once per key, resumable cells and checkpoints, job placement, presets."""
+
+import json
+import sys
+import time
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+
+from conftest import CONF, TINY, compose_cfg
+from transfer_lab.data import ConfigError
+from transfer_lab.module import TransferModule
+from transfer_lab.report import report
+from transfer_lab.run import completed, run
+from transfer_lab.train import main, placement
+
+
+def multirun(monkeypatch, *overrides):
+    """``python -m transfer_lab.train -m ...`` in this process (the basic launcher runs jobs here)."""
+    monkeypatch.setattr(sys, "argv", ["transfer_lab.train", "-m", *TINY, *overrides])
+    try:
+        main()
+    finally:
+        GlobalHydra.instance().clear()
+
+
+def results_under(d):
+    return {p.parent.name: json.loads(p.read_text()) for p in sorted(d.rglob("results.json"))}
+
+
+def test_sweep_trains_each_source_once_resumes_and_reports(tmp_path, monkeypatch, capsys):
+    sweep = tmp_path / "sweep"
+    args = ["strategy=scratch,finetune,linear_probe", "seed=0,1", f"store_dir={tmp_path}/store",
+            f"hydra.sweep.dir={sweep}", "hydra.sweep.subdir=${hydra.job.num}"]
+    multirun(monkeypatch, *args)
+    first = results_under(sweep)
+    assert len(first) == 6 and all(r["status"] == "ok" for r in first.values())
+    trained = [r for r in first.values() if r["source"]["cache_hit"] is False]
+    assert sorted(r["seed"] for r in trained) == [0, 1]  # finetune + linear_probe share it per seed
+    assert all(r["source"]["cache_hit"] is None for r in first.values() if r["strategy"] == "scratch")
+    assert not any((sweep / n / "checkpoints").exists() for n in first)  # resume state cleaned up
+    mtimes = {p: p.stat().st_mtime_ns for p in sweep.rglob("results.json")}
+    capsys.readouterr()
+
+    t0 = time.perf_counter()
+    multirun(monkeypatch, *args)  # the same command again: every cell is done
+    assert time.perf_counter() - t0 < 15
+    assert {p: p.stat().st_mtime_ns for p in sweep.rglob("results.json")} == mtimes
+    assert capsys.readouterr().out.count("skipped (done)") == 6
+
+    res = report(sweep, plot=False)
+    t = res["table"]
+    assert res["keys"] == ["strategy", "target.data.samples_per_class"] and len(t) == 3 and (t["n"] == 2).all()
+    assert not res["problems"]
+
+
+def test_resume_only_for_the_same_config_and_can_be_turned_off(tmp_path):
+    cfg = compose_cfg("strategy=scratch", store=tmp_path / "store")
+    res = run(cfg, tmp_path / "cell")
+    assert completed(cfg, tmp_path / "cell")["metrics"] == res["metrics"]
+    other = compose_cfg("strategy=scratch", "target.epochs=3", store=tmp_path / "store")
+    assert completed(other, tmp_path / "cell") is None  # a changed config re-runs the cell
+    assert completed(compose_cfg("strategy=scratch", "++resume=false"), tmp_path / "cell") is None
+    # where the store is, and how it is logged, do not change the result
+    assert completed(compose_cfg("strategy=scratch", "++logger=none", store=tmp_path / "s2"),
+                     tmp_path / "cell") is not None
+
+
+def test_killed_cell_resumes_from_its_last_checkpoint(tmp_path, monkeypatch):
+    cfg = compose_cfg("strategy=finetune", "target.epochs=4", store=tmp_path / "store")
+    original = TransferModule.on_train_epoch_end
+    epochs_run = []
+
+    def crash_after_epoch_1(self):
+        original(self)
+        if self.trainer.checkpoint_callback is None:  # the source stage: not the cell being killed
+            return
+        epochs_run.append(self.current_epoch)
+        if crash and self.current_epoch == 1:
+            raise KeyboardInterrupt  # as if killed during epoch 1: last.ckpt holds epoch 0
+
+    monkeypatch.setattr(TransferModule, "on_train_epoch_end", crash_after_epoch_1)
+    crash = True
+    with pytest.raises(BaseException):
+        run(cfg, tmp_path / "cell")
+    assert (tmp_path / "cell" / "checkpoints" / "last.ckpt").exists()
+    assert completed(cfg, tmp_path / "cell") is None
+    crash, epochs_run[:] = False, []
+    res = run(cfg, tmp_path / "cell")
+    assert res["target_training"] == {"epochs": 4, "resumed_after_epoch": 0}
+    assert epochs_run == [1, 2, 3]  # continued, not restarted: 4 epochs in all
+    assert not (tmp_path / "cell" / "checkpoints").exists()
+
+
+def test_joblib_two_jobs_sharing_one_source_train_it_once(tmp_path, monkeypatch):
+    sweep = tmp_path / "sweep"
+    multirun(monkeypatch, "hydra/launcher=parallel", "hydra.launcher.n_jobs=2",
+             "strategy=finetune,linear_probe", f"store_dir={tmp_path}/store",
+             f"hydra.sweep.dir={sweep}", "hydra.sweep.subdir=${hydra.job.num}")
+    res = results_under(sweep)
+    assert len(res) == 2 and {r["source"]["key"] for r in res.values()} == {res["0"]["source"]["key"]}
+    assert sorted(r["source"]["cache_hit"] for r in res.values()) == [False, True]
+    assert len([p for p in (tmp_path / "store").iterdir() if p.is_dir() and p.name != ".logs"]) == 1
+
+
+@pytest.mark.parametrize("slot, n_slots, n_gpus, cpus, expected", [
+    (0, 2, 4, [0, 1], {"gpu": 0, "cpus": None, "threads": None}),
+    (5, 8, 4, [0, 1], {"gpu": 1, "cpus": None, "threads": None}),   # job i → GPU i mod n
+    (1, 2, 0, [0, 1, 2, 3], {"gpu": None, "cpus": [2, 3], "threads": 2}),
+    (0, 3, 0, [0, 1, 2, 3, 4, 5, 6], {"gpu": None, "cpus": [0, 1], "threads": 2}),
+    (3, 4, 0, [0, 1], {"gpu": None, "cpus": [1], "threads": 1}),   # more jobs than cores: wrap
+])
+def test_placement(slot, n_slots, n_gpus, cpus, expected):
+    assert placement(slot, n_slots, n_gpus, cpus) == expected
+
+
+def test_cpu_shares_are_disjoint_and_cover_the_cores():
+    cpus = list(range(8))
+    shares = [placement(i, 4, 0, cpus)["cpus"] for i in range(4)]
+    assert sorted(c for s in shares for c in s) == cpus
+
+
+def hydra_cfg(*overrides):
+    with initialize_config_dir(str(CONF), version_base="1.3"):
+        return compose("train", overrides=list(overrides), return_hydra_config=True)
+
+
+def test_launcher_presets_and_trainer_ddp_compose():
+    par = hydra_cfg("hydra/launcher=parallel", "hydra.launcher.n_jobs=4").hydra.launcher
+    assert par._target_.endswith("JoblibLauncher") and par.n_jobs == 4
+    slurm = hydra_cfg("hydra/launcher=slurm", "hydra.launcher.partition=gpu").hydra.launcher
+    assert slurm._target_.endswith("SlurmLauncher") and slurm.gpus_per_node == 1
+    assert slurm.partition == "gpu" and slurm.tasks_per_node == 1
+    ddp = hydra_cfg("trainer=ddp").trainer
+    assert ddp.strategy.startswith("ddp") and ddp.devices == 2
+
+
+def test_experiment_presets_fix_their_sweep_dir_for_resuming():
+    for name in ("strategy_sweep", "label_budget"):
+        cfg = hydra_cfg(f"experiment={name}")
+        assert "${now:" not in str(cfg.hydra.sweep.dir) and cfg.hydra.sweeper.params.seed == "0,1,2"
+    params = hydra_cfg("experiment=strategy_sweep").hydra.sweeper.params
+    assert {"scratch", "finetune", "linear_probe"} <= set(params.strategy.split(","))
+    budget = hydra_cfg("experiment=label_budget").hydra.sweeper.params
+    assert budget["target.data.samples_per_class"] == "5,10,50,200"
+
+
+def test_unknown_or_missing_logger_is_one_clear_error(tmp_path):
+    with pytest.raises(ConfigError, match="logger=wandb"):
+        run(compose_cfg("++logger=wandb", store=tmp_path), tmp_path / "a")
+    try:
+        import tensorboard  # noqa: F401
+    except ImportError:
+        with pytest.raises(ConfigError, match="tensorboard package is not installed"):
+            run(compose_cfg("++logger=[csv,tensorboard]", store=tmp_path), tmp_path / "b")
