@@ -178,7 +178,11 @@ def test_analyze_linear_probe_has_zero_backbone_drift_and_identical_features(fin
     assert results["weights"]["mode"] == "trainable"  # rebuilt from the source + overlay
     assert analyze_main([str(run_dir)]) == 0
     a = json.loads((run_dir / "analysis" / "analysis.json").read_text())
-    assert a["drift"] and all(v == 0.0 for v in a["drift"].values())
+    assert a["drift"]["backbone.pool"] is None  # no weights to move
+    weighted = {k: v for k, v in a["drift"].items() if v is not None}
+    assert set(weighted) == {"backbone.conv1", "backbone.conv2"}
+    assert all(v == 0.0 for v in weighted.values())
+    assert all(v == 0.0 for v in a["bn_stats_drift"].values() if v is not None)
     for path, value in a["cka"]["diagonal"].items():
         if path != "head":
             assert value == pytest.approx(1.0, abs=1e-6), path
@@ -194,7 +198,7 @@ def test_analyze_finetune_moves_weights_and_ranks_and_metrics(finished_runs, cap
     assert results["weights"]["mode"] == "full"
     assert analyze_main([str(run_dir)]) == 0
     a = json.loads((run_dir / "analysis" / "analysis.json").read_text())
-    assert all(v > 0 for v in a["drift"].values())
+    assert a["drift"]["backbone.conv1"] > 0 and a["drift"]["backbone.conv2"] > 0
     assert a["metrics"]["acc"] == pytest.approx(results["metrics"]["test/acc"], abs=1e-6)
     assert analyze_main(["--metrics", str(root / "multirun")]) == 0
     assert "balanced acc" in capsys.readouterr().out
@@ -207,3 +211,35 @@ def test_analyze_finetune_moves_weights_and_ranks_and_metrics(finished_runs, cap
 def test_analyze_names_a_directory_without_runs(tmp_path, capsys):
     assert analyze_main([str(tmp_path)]) == 2
     assert "no finished runs" in capsys.readouterr().err
+
+
+# --- regression tables (data half of the regression task type) ---------------------------------------
+def test_table_data_standardises_with_training_rows_and_feeds_an_mlp(tmp_path):
+    from transfer_lab.data.tables import TableData, synthetic_table
+    from transfer_lab.models import mlp
+
+    path = synthetic_table(tmp_path / "house.csv", n=200, d=6, seed=1)
+    dm = TableData(train_file=str(path), target="y", n_train=50, seed=3, val_fraction=0.1).prepare()
+    assert dm.input_shape == (6, 1, 1) and dm.num_classes == 1
+    assert (len(dm.y_train), len(dm.y_val), len(dm.y_test)) == (50, 16, 40)
+    x = dm.transform(dm.x_train, train=True)
+    assert torch.allclose(x.mean(0).flatten(), torch.zeros(6), atol=1e-5)
+    assert torch.allclose(x.std(0, unbiased=False).flatten(), torch.ones(6), atol=1e-4)
+    again = TableData(train_file=str(path), n_train=50, seed=3).prepare()
+    assert torch.equal(again.x_train, dm.x_train)  # seeded draw
+    assert torch.equal(TableData(train_file=str(path), seed=9).prepare().x_test, dm.x_test)  # fixed split
+    model = mlp(in_channels=6, image_size=1, num_classes=1, hidden=[16])
+    assert model(x).shape == (50, 1)
+
+
+def test_table_data_errors_name_the_column(tmp_path):
+    from transfer_lab.data import ConfigError
+    from transfer_lab.data.tables import TableData, synthetic_table
+
+    path = synthetic_table(tmp_path / "t.csv", n=20, d=2)
+    with pytest.raises(ConfigError, match="target column 'price' not in"):
+        TableData(train_file=str(path), target="price").prepare()
+    with pytest.raises(ConfigError, match=r"feature column\(s\) \['rooms'\]"):
+        TableData(train_file=str(path), features=["rooms"]).prepare()
+    with pytest.raises(ConfigError, match="n_train=999"):
+        TableData(train_file=str(path), n_train=999).prepare()

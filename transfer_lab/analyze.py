@@ -58,7 +58,9 @@ def analyze_run(run_dir: str | Path, store: str | None = None, probe: int = 500,
         out["cka"] = {"probe": len(x), "source_layers": sp, "target_layers": tp, "matrix": matrix,
                       "diagonal": {p: matrix[sp.index(p)][tp.index(p)] for p in tp if p in sp}}
         # the head is re-initialised by every transfer strategy: its "drift" would mean nothing
-        out["drift"] = relative_drift(src, run.target, [p for p in tp if p != "head"])
+        blocks = [p for p in tp if p != "head"]
+        out["drift"] = relative_drift(src, run.target, blocks)
+        out["bn_stats_drift"] = relative_drift(src, run.target, blocks, buffers=True)
     elif src is not None:
         out["note"] = f"source input {tuple(src.input_shape)} ≠ target data {tuple(dm.input_shape)}: no CKA"
     dest = Path(run_dir) / "analysis"

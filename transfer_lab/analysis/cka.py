@@ -51,15 +51,15 @@ def cka_matrix(xs: Sequence[torch.Tensor], ys: Sequence[torch.Tensor]) -> list[l
 def default_layers(model: nn.Module) -> list[str]:
     """The module paths compared by default: each backbone block (input → output), then ``head``.
 
-    Works for any ``Classifier`` (``named_blocks``); for other models, the children of
-    ``model.backbone`` if there is one, else the model's own children.
+    Blocks are the children of ``model.backbone`` (or of the model without one), including
+    parameter-free ones such as the final pooling (the penultimate features), but not a bare
+    ``Flatten`` (it only reshapes its neighbour's output; on an MLP's input its CKA is 1 by
+    construction).
     """
-    if hasattr(model, "named_blocks"):
-        paths = [n for n, _ in model.named_blocks()]
-    elif isinstance(getattr(model, "backbone", None), nn.Module):
-        paths = [f"backbone.{n}" for n, _ in model.backbone.named_children()]
-    else:
-        paths = [n for n, _ in model.named_children()]
+    root, prefix = (model.backbone, "backbone.") if isinstance(getattr(model, "backbone", None),
+                                                               nn.Module) else (model, "")
+    paths = [f"{prefix}{n}" for n, m in root.named_children()
+             if not isinstance(m, nn.Flatten) and not (prefix == "" and n == "head")]
     if isinstance(getattr(model, "head", None), nn.Module):
         paths.append("head")
     return paths

@@ -33,12 +33,20 @@ def heatmap(ax, matrix: Sequence[Sequence[float]], rows: Sequence[str], cols: Se
 
 
 def drift_bars(ax, drift: dict[str, float | None], title: str,
-               err: dict[str, float] | None = None) -> None:
+               err: dict[str, float] | None = None,
+               bn: dict[str, float | None] | None = None) -> None:
+    """Weight drift per layer; BatchNorm-statistics drift beside it (hatched) when given."""
     names = [k for k, v in drift.items() if v is not None]
-    vals = [drift[k] for k in names]
+    x = np.arange(len(names))
+    width = 0.4 if bn else 0.8
     yerr = [err.get(k, 0.0) for k in names] if err else None
-    ax.bar(range(len(names)), vals, yerr=yerr, color="tab:blue", capsize=3)
-    ax.set_xticks(range(len(names)), [_short(n) for n in names], rotation=45, ha="right", fontsize=8)
+    ax.bar(x - (width / 2 if bn else 0), [drift[k] for k in names], width, yerr=yerr,
+           color="tab:blue", capsize=3, label="weights")
+    if bn:
+        ax.bar(x + width / 2, [bn.get(k) or 0.0 for k in names], width, color="tab:orange",
+               hatch="//", label="BN running stats")
+        ax.legend(fontsize=7)
+    ax.set_xticks(x, [_short(n) for n in names], rotation=45, ha="right", fontsize=8)
     ax.set_ylabel("‖w − w_src‖ / ‖w_src‖")
     ax.set_title(title, fontsize=9)
 
@@ -60,7 +68,8 @@ def save_run_figures(result: dict, out_dir: Path) -> dict[str, str]:
         files["cka"] = "cka.png"
     if result.get("drift") and any(v is not None for v in result["drift"].values()):
         fig, ax = plt.subplots(figsize=(4.5, 3))
-        drift_bars(ax, result["drift"], f"weight drift, {result['strategy']} seed {result['seed']}")
+        drift_bars(ax, result["drift"], f"drift, {result['strategy']} seed {result['seed']}",
+                   bn=result.get("bn_stats_drift"))
         fig.tight_layout()
         fig.savefig(out_dir / "drift.png", dpi=110)
         plt.close(fig)
@@ -76,7 +85,11 @@ def save_summary_figure(groups: dict[str, dict], path: Path) -> None:
     for j, (label, g) in enumerate(groups.items()):
         heatmap(axes[0, j], g["cka"], g["source_layers"], g["target_layers"],
                 f"{label}\nCKA (mean of {g['n']} seeds)")
-        drift_bars(axes[1, j], g["drift"], f"{label}: drift (mean ± std)", g.get("drift_std"))
+        bn = {k: v[0] for k, v in g.get("bn_stats_drift", {}).items()}
+        drift_bars(axes[1, j], g["drift"], f"{label}: drift (mean ± std)", g.get("drift_std"), bn)
+    top = max([ax.get_ylim()[1] for ax in axes[1]])
+    for ax in axes[1]:  # one scale, so the strategies compare at a glance
+        ax.set_ylim(0, top)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=100)

@@ -1,0 +1,150 @@
+"""Feature tables for regression transfer (house prices → salaries style): CSV or npz, float.
+
+A table is N rows of D numeric features and one numeric target. Rows are held as float32
+``(N, D, 1, 1)`` tensors, so the ``mlp`` backbone (which flattens ``C·H·W``) takes them with
+``in_channels = D`` and ``image_size = 1``; ``num_classes`` is the number of outputs (1).
+Features are standardised with training-row statistics; the target is kept in its own units
+(optionally ``log1p``-transformed) so RMSE reads in those units.
+
+This is the data half of the regression task type; the loss/metric half (MSE, R², RMSE) lives in
+the training module (see experiments/analysis/README.md, "Regression transfer").
+"""
+
+from __future__ import annotations
+
+import csv
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from transfer_lab.data.datamodule import ConfigError, TransferDataModule
+
+
+def read_table(path: str | Path, target: str, features: Sequence[str] | None,
+               key: str) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """``(x float64 N×D, y float64 N, feature names)`` from a headed CSV or an npz (x, y)."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"{key}={path}: no such file (a CSV with a header row, or an npz "
+                          "with arrays x float N×D and y float N)")
+    if p.suffix == ".npz":
+        with np.load(p, allow_pickle=False) as z:
+            if not {"x", "y"} <= set(z.files):
+                raise ConfigError(f"{key}={path}: an npz table needs arrays x and y")
+            x, y = z["x"].astype(np.float64), z["y"].astype(np.float64)
+        names = list(features) if features else [f"x{i}" for i in range(x.shape[1])]
+        return x.reshape(len(x), -1), y.reshape(-1), names
+    with p.open(newline="") as f:
+        rows = list(csv.DictReader(f))
+    if not rows:
+        raise ConfigError(f"{key}={path}: empty table")
+    cols = list(rows[0])
+    if target not in cols:
+        raise ConfigError(f"{key}: target column {target!r} not in {path} (columns: {', '.join(cols)})")
+    names = list(features) if features else [c for c in cols if c != target]
+    missing = [c for c in names if c not in cols]
+    if missing:
+        raise ConfigError(f"{key}: feature column(s) {missing} not in {path}")
+    try:
+        x = np.array([[float(r[c]) for c in names] for r in rows])
+        y = np.array([float(r[target]) for r in rows])
+    except ValueError as e:
+        raise ConfigError(f"{key}={path}: non-numeric value ({e})") from None
+    return x, y, names
+
+
+class TableData(TransferDataModule):
+    """A regression table as a data module (``_target_: transfer_lab.data.tables.TableData``).
+
+    Args:
+        train_file: CSV (header row) or npz table.
+        test_file: a separate test table; None: hold out ``test_fraction`` of ``train_file``.
+        target: the target column (CSV).
+        features: feature columns (None: every other column).
+        test_fraction: share of rows held out for testing when there is no ``test_file``.
+        n_train: label budget, training rows drawn seeded (None: all).
+        log_target: model ``log1p(y)`` (prices, salaries: errors become relative).
+        val_fraction, batch_size, eval_batch_size, seed, key: as for every data module.
+    """
+
+    def __init__(self, train_file: str, test_file: str | None = None, target: str = "y",
+                 features: Sequence[str] | None = None, test_fraction: float = 0.2,
+                 n_train: int | None = None, log_target: bool = False, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.train_file, self.test_file, self.target = train_file, test_file, target
+        self.features, self.test_fraction = features, test_fraction
+        self.n_train, self.log_target = n_train, log_target
+
+    def prepare(self) -> TableData:
+        if self._ready:
+            return self
+        key = self.key
+        x, y, self.feature_names = read_table(self.train_file, self.target, self.features, f"{key}.train_file")
+        rng = np.random.default_rng(self.seed)
+        if self.test_file:
+            xte, yte, _ = read_table(self.test_file, self.target, self.feature_names, f"{key}.test_file")
+        else:
+            perm = np.random.default_rng(0).permutation(len(y))  # a fixed split, like a dataset's
+            n_test = int(round(self.test_fraction * len(y)))
+            xte, yte, x, y = x[perm[:n_test]], y[perm[:n_test]], x[perm[n_test:]], y[perm[n_test:]]
+        perm = rng.permutation(len(y))
+        n_val = int(np.ceil(self.val_fraction * len(y)))
+        val, train = perm[:n_val], perm[n_val:]
+        if self.n_train is not None:
+            if self.n_train > len(train):
+                raise ConfigError(f"{key}.n_train={self.n_train}: only {len(train)} training rows")
+            train = train[:self.n_train]
+        if self.log_target:
+            if (y < 0).any() or (yte < 0).any():
+                raise ConfigError(f"{key}.log_target=true: the target has negative values")
+            y, yte = np.log1p(y), np.log1p(yte)
+        self.mean = torch.as_tensor(x[train].mean(0), dtype=torch.float32)
+        self.std = torch.as_tensor(x[train].std(0), dtype=torch.float32).clamp_min(1e-6)
+        as_x = lambda a: torch.as_tensor(a, dtype=torch.float32).reshape(len(a), -1, 1, 1)  # noqa: E731
+        as_y = lambda a: torch.as_tensor(a, dtype=torch.float32)  # noqa: E731
+        self.x_train, self.y_train = as_x(x[train]), as_y(y[train])
+        self.x_val, self.y_val = as_x(x[val]), as_y(y[val])
+        self.x_test, self.y_test = as_x(xte), as_y(yte)
+        self.class_names = [self.target]  # one output
+        self.train_counts = np.array([len(train)])
+        self._ready = True
+        return self
+
+    @property
+    def class_weights(self) -> None:
+        return None
+
+    def transform(self, x: torch.Tensor, train: bool) -> torch.Tensor:
+        """Standardise features with the training rows' mean and std."""
+        return (x - self.mean.to(x.device).view(1, -1, 1, 1)) / self.std.to(x.device).view(1, -1, 1, 1)
+
+    def on_after_batch_transfer(self, batch, dataloader_idx: int):
+        x, y = batch
+        return self.transform(x, False), y
+
+    def summary(self) -> dict:
+        return {"task": "regression", "target": self.target, "features": self.feature_names,
+                "input_shape": list(self.input_shape), "n_train": len(self.y_train),
+                "n_val": len(self.y_val), "n_test": len(self.y_test)}
+
+
+def synthetic_table(path: str | Path, n: int = 500, d: int = 8, task_seed: int = 0,
+                    shift: float = 0.0, noise: float = 0.1, seed: int = 0) -> Path:
+    """Write a learnable CSV regression table: y = tanh(x·w₁)·w₂ + noise, weights from
+    ``task_seed``; ``shift`` mixes in a second task's weights (0: same task, 1: unrelated), so
+    a related source/target pair is two tables with shift 0 and e.g. 0.3."""
+    w1 = np.random.default_rng(task_seed).standard_normal((d, 16))
+    w2 = np.random.default_rng(task_seed + 1).standard_normal(16)
+    other = np.random.default_rng(task_seed + 100).standard_normal((d, 16))
+    w1 = (1 - shift) * w1 + shift * other
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((n, d))
+    y = np.tanh(x @ w1 / np.sqrt(d)) @ w2 + noise * rng.standard_normal(n)
+    path = Path(path)
+    with path.open("w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow([*(f"x{i}" for i in range(d)), "y"])
+        w.writerows([*row, t] for row, t in zip(x.round(6), y.round(6)))
+    return path
