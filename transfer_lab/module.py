@@ -39,7 +39,9 @@ class TransferModule(L.LightningModule):
         self.save_hyperparameters(ignore=["model", "strategy", "optimizer", "class_weights"])
         self.model, self.strategy, self.optimizer_factory = model, strategy, optimizer
         self.register_buffer("class_weights", class_weights, persistent=False)
-        task = {"task": "multiclass", "num_classes": num_classes}
+        # validate_args=False: the checks run torch.unique on the targets and compare in Python,
+        # a host sync on every update (every training step)
+        task = {"task": "multiclass", "num_classes": num_classes, "validate_args": False}
         self.train_acc = torchmetrics.Accuracy(**task)
         self.val_acc = torchmetrics.Accuracy(**task)
         self.test_acc = torchmetrics.Accuracy(**task)
@@ -64,7 +66,8 @@ class TransferModule(L.LightningModule):
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         loss = self.strategy.training_loss(self, batch)
-        # one host sync per epoch, not per step: the loss is logged as an epoch mean
+        # no host sync per step: Lightning accumulates an epoch-mean logged value on the device
+        # (value·batch_size added to a device tensor) and reads it once, at the epoch's end
         self.log("train/loss", loss.detach(), on_step=False, on_epoch=True)
         return loss
 

@@ -9,9 +9,11 @@ import lightning as L
 import numpy as np
 import torch
 
-from transfer_lab.data.loader import BatchLoader, adapt_images, normalize, random_crop, random_hflip
+from transfer_lab.data.loader import (BatchLoader, PILDataset, adapt_images, normalize, pil_loader,
+                                     pil_transform, random_crop)
 
 AUGMENTATIONS = ("none", "crop", "crop_flip")
+LOADERS = ("memory", "torchvision")
 
 
 class ConfigError(ValueError):
@@ -38,6 +40,10 @@ class TransferDataModule(L.LightningDataModule):
         augment: one of ``none``, ``crop``, ``crop_flip`` (batched, on device, training only).
         batch_size, eval_batch_size: loader batch sizes.
         device_resident: move the tensors to the training device once (fast on GPU).
+        loader: ``memory`` (uint8 batches sliced in memory, transformed as batched tensor ops on
+            the device) or ``torchvision`` (the standard per-sample PIL ``Dataset`` +
+            ``DataLoader``: same shaping, same normalisation and augmentation, much slower).
+        num_workers: ``DataLoader`` worker processes for ``loader=torchvision``.
         seed: draws the validation split, the budget subset and the shuffling.
     """
 
@@ -45,8 +51,8 @@ class TransferDataModule(L.LightningDataModule):
                  imbalance_ratio: float | None = None, imbalance_remedy: str | None = None,
                  val_fraction: float = 0.1, max_val_per_class: int | None = 100, channels: int | None = None,
                  image_size: int | None = None, augment: str = "none", batch_size: int = 64,
-                 eval_batch_size: int = 1000, device_resident: bool = True, seed: int = 0,
-                 key: str = "data") -> None:
+                 eval_batch_size: int = 1000, device_resident: bool = True, loader: str = "memory",
+                 num_workers: int = 0, seed: int = 0, key: str = "data") -> None:
         super().__init__()
         self.classes = list(classes) if classes is not None else None
         self.samples_per_class, self.imbalance_ratio = samples_per_class, imbalance_ratio
@@ -55,6 +61,7 @@ class TransferDataModule(L.LightningDataModule):
         self.channels, self.image_size, self.augment = channels, image_size, augment
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
         self.device_resident, self.seed, self.key = device_resident, seed, key
+        self.loader, self.num_workers = loader, num_workers
         self._ready = False
 
     # --- override -------------------------------------------------------------------------
@@ -89,6 +96,8 @@ class TransferDataModule(L.LightningDataModule):
     def _check_options(self) -> None:
         if self.augment not in AUGMENTATIONS:
             raise ConfigError(f"{self.key}.augment={self.augment!r}: valid: {', '.join(AUGMENTATIONS)}")
+        if self.loader not in LOADERS:
+            raise ConfigError(f"{self.key}.loader={self.loader!r}: valid: {', '.join(LOADERS)}")
         if self.imbalance_remedy not in (None, "reweight", "resample"):
             raise ConfigError(f"{self.key}.imbalance_remedy={self.imbalance_remedy!r}: valid: "
                               "null, reweight, resample")
@@ -171,20 +180,33 @@ class TransferDataModule(L.LightningDataModule):
     # --- Lightning hooks ---------------------------------------------------------------------
     def setup(self, stage: str | None = None) -> None:
         self.prepare()
-        if self.device_resident and self.trainer is not None:
+        # the PIL path reads numpy views on the CPU; only the fast path lives on the device
+        if self.loader == "memory" and self.device_resident and self.trainer is not None:
             device = self.trainer.strategy.root_device
             for name in ("x_train", "y_train", "x_val", "y_val", "x_test", "y_test"):
                 setattr(self, name, getattr(self, name).to(device))
 
-    def _loader(self, x, y, train: bool) -> BatchLoader:
+    def _loader(self, x, y, train: bool) -> BatchLoader | torch.utils.data.DataLoader:
         rank, world = 0, 1
         if self.trainer is not None:
             rank, world = self.trainer.global_rank, self.trainer.world_size
         weights = None
         if train and self.imbalance_remedy == "resample":
             weights = (1.0 / torch.as_tensor(self.train_counts, dtype=torch.float))[y.cpu()]
+        if self.loader == "torchvision":
+            return self._pil_loader(x, y, train, weights)
         return BatchLoader(x, y, self.batch_size if train else self.eval_batch_size, shuffle=train,
                            seed=self.seed, rank=rank, world_size=world, sample_weights=weights)
+
+    def _pil_loader(self, x, y, train: bool, weights: torch.Tensor | None) -> torch.utils.data.DataLoader:
+        tf = pil_transform(self.mean, self.std, train, self.augment, self.allows_hflip(), x.shape[-1])
+        sampler = None
+        if weights is not None:  # Lightning wraps it for DDP (DistributedSamplerWrapper)
+            sampler = torch.utils.data.WeightedRandomSampler(
+                weights, len(weights), generator=torch.Generator().manual_seed(self.seed))
+        return pil_loader(PILDataset(x, y, tf), self.batch_size if train else self.eval_batch_size,
+                          shuffle=train, seed=self.seed, num_workers=self.num_workers,
+                          pin_memory=torch.cuda.is_available(), sampler=sampler)
 
     def train_dataloader(self) -> BatchLoader:
         return self._loader(self.x_train, self.y_train, train=True)
@@ -198,13 +220,14 @@ class TransferDataModule(L.LightningDataModule):
     def transform(self, x: torch.Tensor, train: bool) -> torch.Tensor:
         """uint8 batch on device → normalised float batch, augmented when training."""
         if train and self.augment != "none":
-            x = random_crop(x, padding=max(1, x.shape[-1] // 8))
-            if self.augment == "crop_flip" and self.allows_hflip():
-                x = random_hflip(x)
+            flip = self.augment == "crop_flip" and self.allows_hflip()
+            x = random_crop(x, padding=max(1, x.shape[-1] // 8), flip=flip)
         return normalize(x, self.mean, self.std)
 
     def on_after_batch_transfer(self, batch, dataloader_idx: int):
         x, y = batch
+        if x.dtype != torch.uint8:  # the torchvision path has already transformed per sample
+            return batch
         training = self.trainer is not None and self.trainer.training
         return self.transform(x, training), y
 
