@@ -9,12 +9,14 @@ import pytest
 from transfer_lab.report import ci95, main, report
 
 
-def fake_result(path, strategy, seed, acc, budget=10, status="ok", extra=None, model="convnet"):
+def fake_result(path, strategy, seed, acc, budget=10, status="ok", extra=None, model="convnet",
+                trainer=None):
     """A results.json as run.py writes it (only the fields the report reads, plus noise)."""
     cfg = {"seed": seed, "store_dir": f"/tmp/store{seed}",
            "strategy": {"_target_": f"transfer_lab.strategies.{strategy}.X"},
            "source": {"epochs": 2, "model": {"_target_": model}},
-           "target": {"epochs": 5, "data": {"samples_per_class": budget, "classes": [5, 6]}}}
+           "target": {"epochs": 5, "data": {"samples_per_class": budget, "classes": [5, 6]}},
+           **({"trainer": trainer} if trainer is not None else {})}
     res = {"status": status, "strategy": strategy, "seed": seed, "config": cfg,
            "choices": {"strategy": strategy, "model@source.model": model, "task": None},
            "metrics": {"test/acc": acc}, "source": {"test/acc": 0.9},
@@ -88,3 +90,15 @@ def test_a_varying_setting_becomes_a_column_and_gain_matches_it(tmp_path):
 
 def test_ci_needs_two_seeds():
     assert math.isnan(ci95(float("nan"), 1)) and ci95(1.0, 100) == pytest.approx(0.196)
+
+
+def test_a_key_missing_from_older_results_does_not_split_groups(tmp_path):
+    # results written before a config key existed (trainer.callbacks) pool with the newer ones;
+    # a null budget (all labels) is a value of its own
+    fake_result(tmp_path / "a", "scratch", 0, 0.5, budget=None)
+    fake_result(tmp_path / "b", "scratch", 1, 0.7, budget=None, trainer={"callbacks": []})
+    fake_result(tmp_path / "c", "scratch", 0, 0.2, budget=5, trainer={"callbacks": []})
+    res = report(tmp_path, plot=False)
+    assert res["keys"] == ["strategy", "target.data.samples_per_class"]
+    assert sorted(res["table"]["n"]) == [1, 2]
+    assert "| scratch | all | 0.6000 ± 0.1414 | 2 |" in res["markdown"]

@@ -72,10 +72,12 @@ def collect(root: Path) -> tuple[pd.DataFrame, list[dict]]:
 
 def row_of(res: dict, path: Path) -> dict[str, Any]:
     """Keys (``k:`` prefix) are the choices and the resolved config; values are measurements."""
-    row = {f"k:{k}": v for k, v in flatten(res.get("config") or {}).items()
+    # null → "null" so that a null value (e.g. budget: all labels) differs from a key this
+    # results.json does not have at all (an older config schema), which stays NaN
+    row = {f"k:{k}": "null" if v is None else v for k, v in flatten(res.get("config") or {}).items()
            if k.split(".")[0] not in IGNORED}
     for group, value in (res.get("choices") or {}).items():
-        row[f"k:{choice_column(group)}"] = value
+        row[f"k:{choice_column(group)}"] = "null" if value is None else value
     row["k:strategy"] = res.get("strategy")
     src, timings, params = res.get("source") or {}, res.get("timings") or {}, res.get("params") or {}
     row.update({"seed": res.get("seed"), "acc": res["metrics"]["test/acc"], "path": str(path),
@@ -88,9 +90,10 @@ def key_columns(df: pd.DataFrame) -> list[str]:
     """Keys that vary, minus those another key already determines (``strategy._target_`` given
     ``strategy``). Strategy and budget always come first."""
     keys = [c for c in df.columns if c.startswith("k:")]
+    # a key absent from some results (written before it existed) varies only if its values do
+    varying = [c for c in keys if df[c].dropna().astype(str).nunique() > 1]
     for c in keys:
         df[c] = df[c].map(lambda v: "—" if v is None or (isinstance(v, float) and math.isnan(v)) else v)
-    varying = [c for c in keys if df[c].astype(str).nunique() > 1]
     # choices first (short names people read), then config values by depth
     varying.sort(key=lambda c: (c != "k:strategy", c != f"k:{BUDGET}", "." in c, c.count("."), c))
     kept: list[str] = []
@@ -172,7 +175,7 @@ def markdown(table: pd.DataFrame, keys: list[str], problems: list[dict], metric:
         gain = fmt(r["gain_vs_scratch"])
         if r["negative_transfer"]:
             gain += " ⚠ negative"
-        cells = [*(str(r[k]) for k in keys), f"{fmt(r['acc_mean'])} ± {fmt(r['acc_std'])}",
+        cells = [*("all" if k == BUDGET and r[k] == "null" else str(r[k]) for k in keys), f"{fmt(r['acc_mean'])} ± {fmt(r['acc_std'])}",
                  str(r["n"]), str(r["seeds"]), f"± {fmt(r['acc_ci95'])}", gain, fmt(r["source_acc"]),
                  "—" if pd.isna(r["trainable"]) else f"{int(r['trainable']):,}", fmt(r["time_s"], 1)]
         lines.append("| " + " | ".join(cells) + " |")
