@@ -195,7 +195,8 @@ class DANN(Strategy):
         d_loss = F.binary_cross_entropy_with_logits(self.domain_head(feats).squeeze(1), domain)
         module.log("train/domain_loss", d_loss.detach(), on_step=False, on_epoch=True,
                    batch_size=len(feats))
-        module.log("train/grl_lambda", self.grl.lambd, on_step=False, on_epoch=True)
+        module.log("train/grl_lambda", self.grl.lambd, on_step=False, on_epoch=True,
+                   batch_size=len(feats))
         module.train_acc.update(logits.detach(), ys)
         return ce + self.domain_weight * d_loss
 
