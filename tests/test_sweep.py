@@ -51,7 +51,8 @@ def test_sweep_trains_each_source_once_resumes_and_reports(tmp_path, monkeypatch
 
     res = report(sweep, plot=False)
     t = res["table"]
-    assert res["keys"] == ["strategy", "target.data.samples_per_class"] and len(t) == 3 and (t["n"] == 2).all()
+    assert res["keys"] == ["strategy", "target.data.samples_per_class"]
+    assert len(t) == 3 and (t["n"] == 2).all()
     assert not res["problems"]
 
 
@@ -88,7 +89,7 @@ def test_killed_cell_resumes_from_its_last_checkpoint(tmp_path, monkeypatch):
     assert completed(cfg, tmp_path / "cell") is None
     crash, epochs_run[:] = False, []
     res = run(cfg, tmp_path / "cell")
-    assert res["target_training"] == {"epochs": 4, "resumed_after_epoch": 0}
+    assert res["target_training"] == {"epochs": 4, "world_size": 1, "resumed_after_epoch": 0}
     assert epochs_run == [1, 2, 3]  # continued, not restarted: 4 epochs in all
     assert not (tmp_path / "cell" / "checkpoints").exists()
 

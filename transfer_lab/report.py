@@ -175,7 +175,8 @@ def markdown(table: pd.DataFrame, keys: list[str], problems: list[dict], metric:
         gain = fmt(r["gain_vs_scratch"])
         if r["negative_transfer"]:
             gain += " ⚠ negative"
-        cells = [*("all" if k == BUDGET and r[k] == "null" else str(r[k]) for k in keys), f"{fmt(r['acc_mean'])} ± {fmt(r['acc_std'])}",
+        values = ["all" if k == BUDGET and r[k] == "null" else str(r[k]) for k in keys]
+        cells = [*values, f"{fmt(r['acc_mean'])} ± {fmt(r['acc_std'])}",
                  str(r["n"]), str(r["seeds"]), f"± {fmt(r['acc_ci95'])}", gain, fmt(r["source_acc"]),
                  "—" if pd.isna(r["trainable"]) else f"{int(r['trainable']):,}", fmt(r["time_s"], 1)]
         lines.append("| " + " | ".join(cells) + " |")

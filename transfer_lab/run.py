@@ -103,7 +103,7 @@ def run(cfg: DictConfig, out_dir: str | Path, choices: dict[str, Any] | None = N
     results["metrics"].update({k: float(v) for k, v in trainer.callback_metrics.items()
                                if k.startswith(("val/", "train/"))})
     results["strategy_report"] = strategy.report()
-    results["target_training"] = {"epochs": int(trainer.current_epoch),
+    results["target_training"] = {"epochs": int(trainer.current_epoch), "world_size": trainer.world_size,
                                   "resumed_after_epoch": resume_from[1] if resume_from else None}
     if trainer.is_global_zero:
         results["weights"] = save_weights(model, out_dir, cfg.target.save_weights,
@@ -135,7 +135,8 @@ def completed(cfg: DictConfig, out_dir: str | Path) -> dict | None:
         res = json.loads((Path(out_dir) / "results.json").read_text())
     except (OSError, ValueError):
         return None
-    same = res.get("config_hash") == config_hash(cfg) or config_hash(res.get("config") or {}) == config_hash(cfg)
+    want = config_hash(cfg)
+    same = want in (res.get("config_hash"), config_hash(res.get("config") or {}))
     return res if res.get("status") == "ok" and same else None
 
 
@@ -302,7 +303,8 @@ def make_loggers(spec: str | list | None, out_dir: Path, stage: str) -> list:
 
 
 def logger_names(spec: str | list | None) -> list[str]:
-    names = [str(n).strip() for n in (spec.split(",") if isinstance(spec, str) else list(spec or [])) if str(n).strip()]
+    items = spec.split(",") if isinstance(spec, str) else list(spec or [])
+    names = [str(n).strip() for n in items if str(n).strip()]
     bad = [n for n in names if n not in LOGGERS]
     if bad:
         raise ConfigError(f"logger={spec}: unknown {bad[0]!r}; valid: {', '.join(LOGGERS)} (comma-separated)")
