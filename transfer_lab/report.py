@@ -211,8 +211,9 @@ def plots(table: pd.DataFrame, keys: list[str], out: Path, metric: str) -> list[
         if x.isna().all():
             x = pd.Series(range(len(s)), index=s.index)
         order = x.sort_values().index
+        base = dict(color="black", linestyle="--") if (s["strategy"] == "scratch").all() else {}
         ax.errorbar(x[order], s.loc[order, "acc_mean"], yerr=s.loc[order, "acc_std"].fillna(0),
-                    marker="o", capsize=3, label=name)
+                    marker="o", capsize=3, label=name, **base)
     if numeric.notna().all() and numeric.nunique() > 1 and (numeric > 0).all():
         ax.set_xscale("log")
         ax.set_xticks(sorted(numeric.unique()), [str(int(b)) for b in sorted(numeric.unique())])
@@ -224,9 +225,10 @@ def plots(table: pd.DataFrame, keys: list[str], out: Path, metric: str) -> list[
     for b, s in t.groupby(t["budget"].astype(str), sort=False):
         fig, ax = plt.subplots(figsize=(max(4.0, 0.6 * len(s) + 2), 3.6))
         ax.bar(range(len(s)), s["acc_mean"], yerr=s["acc_std"].fillna(0), capsize=3,
-               color=["tab:red" if neg else "tab:blue" for neg in s["negative_transfer"]])
+               color=["tab:gray" if st == "scratch" else "tab:red" if neg else "tab:blue"
+                      for st, neg in zip(s["strategy"], s["negative_transfer"])])
         ax.set_xticks(range(len(s)), s["series"], rotation=30, ha="right", fontsize=7)
-        ax.set(ylabel=f"{metric} (mean ± std)", title=f"budget {b} labels/class (red: below scratch)")
+        ax.set(ylabel=f"{metric} (mean ± std)", title=f"budget {b} labels/class (grey: scratch, red: below it)")
         written.append(save_fig(fig, out / f"bars_budget_{b}.png"))
     return written
 
