@@ -70,3 +70,17 @@ class NaNLoss(Strategy):
         if self.steps > self.at_step:
             return outputs.sum() * float("nan")
         return None
+
+
+class SlowFinetune(Strategy):
+    """Test-only finetune that sleeps ``sleep_s`` per training step, so a test can kill a run
+    mid-epoch; the arithmetic is plain fine-tuning (same results as ``finetune``)."""
+
+    def __init__(self, sleep_s: float = 0.0, train_bn: bool = False) -> None:
+        super().__init__(train_bn)
+        self.sleep_s = sleep_s
+
+    def loss(self, module, batch, outputs):
+        if self.sleep_s:
+            time.sleep(self.sleep_s)
+        return None
