@@ -107,8 +107,12 @@ def _matches(value: Any, hint: Any) -> bool | None:
 
 
 def _describe(hint: Any) -> str:
-    text = str(hint).replace("typing.", "").replace("collections.abc.", "")
-    return text.replace("<class '", "").replace("'>", "").replace("NoneType", "null")
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return " or ".join(_describe(a) for a in typing.get_args(hint))
+    if hint is type(None):
+        return "null"
+    text = getattr(hint, "__name__", None) if typing.get_origin(hint) is None else None
+    return text or str(hint).replace("typing.", "").replace("collections.abc.", "")
 
 
 def check_leaf(node: Mapping[str, Any], key: str, injected: set[str] = frozenset()) -> None:
@@ -174,6 +178,15 @@ def validate_config(cfg: Any) -> None:
                     {"params"} if kind == "optimizer" else set()))
     if isinstance(plain.get("strategy"), Mapping):
         check_leaf(plain["strategy"], "strategy")
+    trainer = plain.get("trainer")
+    if isinstance(trainer, Mapping) and "_target_" in trainer:
+        # the run passes these three itself; a stage's ``trainer`` overrides are Trainer kwargs too
+        injected = {"logger", "callbacks", "default_root_dir"}
+        check_leaf(trainer, "trainer", injected)
+        for stage in ("source", "target"):
+            extra = (plain.get(stage) or {}).get("trainer") or {}
+            if isinstance(extra, Mapping) and extra:
+                check_leaf({"_target_": trainer["_target_"], **extra}, f"{stage}.trainer", injected)
 
 
 # --- state dicts from outside --------------------------------------------------------------------

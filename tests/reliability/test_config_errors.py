@@ -60,8 +60,8 @@ def test_missing_data_with_download_off_names_the_path(tmp_path):
 @pytest.mark.parametrize("overrides, expect", [
     (["target.epochs=abc"], "target.epochs='abc': expected int"),
     (["seed=abc"], "seed='abc': expected int"),
-    (["target.data.samples_per_class=abc"], "target.data.samples_per_class='abc': expected int"),
-    (["target.data.classes=3"], "target.data.classes=3: expected Sequence[int]"),
+    (["target.data.samples_per_class=abc"], "target.data.samples_per_class='abc': expected int or null"),
+    (["target.data.classes=3"], "target.data.classes=3: expected Sequence[int] or null"),
     (["strategy=partial", "strategy.blocks=x"], "strategy.blocks='x': expected int"),
     (["strategy.train_bn=maybe"], "strategy.train_bn='maybe': expected bool"),
     (["target.optimizer.lr=-0.1"], "target.optimizer.lr=-0.1: must be ≥ 0"),
@@ -69,6 +69,9 @@ def test_missing_data_with_download_off_names_the_path(tmp_path):
     (["+target.data.foo=1"], "target.data.foo: unknown option"),
     (["+source.model.widht=3"], "source.model.widht: unknown option"),
     (["data@target.data=npz"], "target.data.train_file: missing value (???)"),
+    (["+trainer.max_epoch=3"], "trainer.max_epoch: unknown option for lightning.Trainer"),
+    (["+target.trainer.gradient_clip=1"], "target.trainer.gradient_clip: unknown option"),
+    (["trainer.enable_model_summary=often"], "trainer.enable_model_summary='often': expected bool"),
     (["strategy._target_=transfer_lab.strategies.nope.Nope"], "strategy._target_='transfer_lab.strategies.nope.Nope': cannot be imported"),
 ])
 def test_validator_names_key_and_value_in_one_line(overrides, expect):
@@ -87,6 +90,7 @@ def test_unknown_option_lists_the_valid_ones():
     ("model@source.model", sorted(p.stem for p in (CONF / "model").glob("*.yaml"))),
     ("data@target.data", sorted(p.stem for p in (CONF / "data").glob("*.yaml") if p.stem != "npz")),
     ("optimizer@target.optimizer", sorted(p.stem for p in (CONF / "optimizer").glob("*.yaml"))),
+    ("trainer", sorted(p.stem for p in (CONF / "trainer").glob("*.yaml"))),
 ])
 def test_validator_accepts_every_shipped_option(group, names):
     """No false alarms: each YAML of each group passes (a failure names the bad key)."""
