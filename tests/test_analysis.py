@@ -199,6 +199,15 @@ def test_analyze_finetune_moves_weights_and_ranks_and_metrics(finished_runs, cap
     assert analyze_main([str(run_dir)]) == 0
     a = json.loads((run_dir / "analysis" / "analysis.json").read_text())
     assert a["drift"]["backbone.conv1"] > 0 and a["drift"]["backbone.conv2"] > 0
+    assert set(a["cka"]["diagonal_source_bn_stats"]) == set(a["cka"]["diagonal"])
+    from transfer_lab.analysis.runs import load_run
+    from transfer_lab.analyze import with_source_bn_stats
+    loaded = load_run(run_dir)
+    swapped = with_source_bn_stats(loaded.target, loaded.source)
+    bn_t, bn_s, bn_w = (m.backbone.conv1[1] for m in (loaded.target, loaded.source, swapped))
+    assert torch.equal(bn_w.running_mean, bn_s.running_mean)
+    assert not torch.equal(bn_t.running_mean, bn_s.running_mean)  # the run did re-estimate them
+    assert torch.equal(bn_w.weight, bn_t.weight)  # weights stay the target's
     assert a["metrics"]["acc"] == pytest.approx(results["metrics"]["test/acc"], abs=1e-6)
     assert analyze_main(["--metrics", str(root / "multirun")]) == 0
     assert "balanced acc" in capsys.readouterr().out

@@ -32,12 +32,32 @@ def probe_set(dm, n: int, seed: int = 0) -> torch.Tensor:
     return dm.transform(dm.x_test[idx.to(dm.x_test.device)], train=False)
 
 
+def with_source_bn_stats(target: torch.nn.Module, source: torch.nn.Module) -> torch.nn.Module | None:
+    """A copy of ``target`` whose BatchNorm running statistics are the source's (same paths and
+    shapes); None when no BatchNorm layer matches."""
+    import copy
+
+    from torch.nn.modules.batchnorm import _BatchNorm
+
+    src = {n: m for n, m in source.named_modules() if isinstance(m, _BatchNorm)}
+    out = copy.deepcopy(target)
+    swapped = 0
+    for name, m in out.named_modules():
+        s = src.get(name)
+        if isinstance(m, _BatchNorm) and s is not None and m.running_mean is not None \
+                and s.running_mean is not None and s.running_mean.shape == m.running_mean.shape:
+            m.running_mean.copy_(s.running_mean)
+            m.running_var.copy_(s.running_var)
+            swapped += 1
+    return out.eval() if swapped else None
+
+
 def analyze_run(run_dir: str | Path, store: str | None = None, probe: int = 500,
                 source_layers: list[str] | None = None, target_layers: list[str] | None = None,
                 figures: bool = True) -> dict[str, Any]:
     """CKA, drift and class metrics of one finished run; written to ``<run>/analysis/``."""
     from transfer_lab.analysis import (class_metrics, cka_matrix, default_layers, layer_features,
-                                       predict, relative_drift)
+                                       linear_cka, predict, relative_drift)
     from transfer_lab.analysis.plots import save_run_figures
     from transfer_lab.analysis.runs import load_run
     from transfer_lab.strategies.base import match_modules
@@ -58,6 +78,12 @@ def analyze_run(run_dir: str | Path, store: str | None = None, probe: int = 500,
         out["cka"] = {"probe": len(x), "source_layers": sp, "target_layers": tp, "matrix": matrix,
                       "diagonal": {p: matrix[sp.index(p)][tp.index(p)] for p in tp if p in sp}}
         # the head is re-initialised by every transfer strategy: its "drift" would mean nothing
+        # Control: the target's weights with the source's BatchNorm statistics. Where CKA recovers,
+        # the representation moved because BN re-estimated its statistics, not because weights did.
+        swapped = with_source_bn_stats(run.target, src)
+        if swapped is not None:
+            fw = layer_features(swapped, x, tp)
+            out["cka"]["diagonal_source_bn_stats"] = {p: linear_cka(fs[p], fw[p]) for p in tp if p in sp}
         blocks = [p for p in tp if p != "head"]
         out["drift"] = relative_drift(src, run.target, blocks)
         out["bn_stats_drift"] = relative_drift(src, run.target, blocks, buffers=True)

@@ -49,6 +49,9 @@ def summarise_representations(groups: dict[str, list[dict]]) -> dict[str, dict]:
             "target_layers": first["target_layers"],
             "cka": np.mean([a["cka"]["matrix"] for a in same], axis=0).tolist(),
             "diagonal": {p: mean_std([a["cka"]["diagonal"].get(p) for a in items]) for p in layers},
+            "diagonal_source_bn_stats": {
+                p: mean_std([(a["cka"].get("diagonal_source_bn_stats") or {}).get(p) for a in items])
+                for p in layers},
             "drift": {p: mean_std([a["drift"].get(p) for a in items])[0] for p in drift_layers},
             "drift_std": {p: mean_std([a["drift"].get(p) for a in items])[1] for p in drift_layers},
             "bn_stats_drift": {p: mean_std([(a.get("bn_stats_drift") or {}).get(p) for a in items])
@@ -63,13 +66,15 @@ def representation_table(summary: dict[str, dict]) -> str:
     lines = []
     for label, g in summary.items():
         lines += [f"\n{label} ({g['n']} seeds): test acc {g['acc'][0]:.3f} ± {g['acc'][1]:.3f}",
-                  "| layer | CKA(source, target) same layer | weight drift | BN statistics drift |",
-                  "|---|---|---|---|"]
+                  "| layer | CKA(source, target) same layer | same, target with source BN stats "
+                  "| weight drift | BN statistics drift |", "|---|---|---|---|---|"]
         for p, (m, s) in g["diagonal"].items():
+            sw = g.get("diagonal_source_bn_stats", {}).get(p, (math.nan, math.nan))
+            swap = f"{sw[0]:.3f} ± {sw[1]:.3f}" if not math.isnan(sw[0]) else "—"
             d = f"{g['drift'][p]:.3f} ± {g['drift_std'][p]:.3f}" if p in g["drift"] else "—"
             bn = g.get("bn_stats_drift", {}).get(p, (math.nan, math.nan))
             b = f"{bn[0]:.3f} ± {bn[1]:.3f}" if not math.isnan(bn[0]) else "—"
-            lines.append(f"| {p} | {m:.3f} ± {s:.3f} | {d} | {b} |")
+            lines.append(f"| {p} | {m:.3f} ± {s:.3f} | {swap} | {d} | {b} |")
     return "\n".join(lines)
 
 

@@ -69,6 +69,9 @@ class TableData(TransferDataModule):
         val_fraction, batch_size, eval_batch_size, seed, key: as for every data module.
     """
 
+    #: what the training module should optimise and report (MSE loss; R², RMSE)
+    task = "regression"
+
     def __init__(self, train_file: str, test_file: str | None = None, target: str = "y",
                  features: Sequence[str] | None = None, test_fraction: float = 0.2,
                  n_train: int | None = None, log_target: bool = False, **kwargs) -> None:
