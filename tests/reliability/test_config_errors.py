@@ -125,6 +125,20 @@ def test_preflight_build_catches_incompatible_pairs(strategy, src, tgt, match):
     assert "\n" not in str(e.value)
 
 
+@pytest.mark.parametrize("name", STRATEGIES)
+def test_preflight_build_accepts_every_shipped_strategy(name):
+    """No false alarms: each strategy's default config builds from a same-architecture source."""
+    from hydra.utils import instantiate
+
+    from transfer_lab.run import build_model
+
+    cfg = compose_cfg(f"strategy={name}")
+    strategy = instantiate(cfg.strategy)
+    shape = dict(input_shape=(1, 16, 16), num_classes=4)
+    source = build_model(cfg.source.model, **shape) if strategy.needs_source else None
+    preflight_build(strategy, source, build_model(cfg.target.get("model") or cfg.source.model, **shape))
+
+
 def test_preflight_build_leaves_strategy_and_models_untouched():
     src, tgt = convnet(1, 16, 4), convnet(1, 16, 4)
     before = {k: v.clone() for k, v in tgt.state_dict().items()}
