@@ -266,24 +266,33 @@ def bench_store(args, device: torch.device, work: Path) -> dict:
     return out
 
 
-def spawn(cmd: list[str], err: Path) -> float:
-    """Wall seconds of a child process; raises with its stderr tail when it fails."""
+FLOOR = ("import torch, lightning, hydra, pathlib; print([l.split()[1] for l in pathlib.Path("
+         "'/proc/self/status').read_text().splitlines() if l.startswith('VmHWM')][0])")
+
+
+def spawn(cmd: list[str], err: Path) -> tuple[float, str]:
+    """Wall seconds and stdout of a child process; raises with its stderr tail when it fails."""
     t0 = time.time()
     with open(err, "w") as f:
-        status = subprocess.run(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=f).returncode
-    if status != 0:
-        raise RuntimeError(f"{' '.join(cmd[:4])} failed ({status}): {err.read_text()[-800:]}")
-    return time.time() - t0
+        proc = subprocess.run(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=f, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd[:4])} failed ({proc.returncode}): {err.read_text()[-800:]}")
+    return time.time() - t0, proc.stdout
 
 
 def bench_process(args, device: torch.device, store: Path, work: Path) -> dict:
     """``python -m transfer_lab.train experiment=quickstart`` as a child (warm store): time from
     spawning it to its first training step, and its peak resident memory; alternated with the
     floor every such process pays, ``python -c "import torch, lightning, hydra"``."""
-    start, rss, floor = [], [], []
+    start, rss, floor, floor_rss = [], [], [], []
+
+    def bare() -> None:
+        wall, out = spawn([sys.executable, "-c", FLOOR], work / "floor.err")
+        floor.append(wall)
+        floor_rss.append(int(out.split()[-1]) / 1024)
     for rep in range(args.reps):
         if rep % 2 == 1:
-            floor.append(spawn([sys.executable, "-c", "import torch, lightning, hydra"], work / "f.err"))
+            bare()
         stamp, errs = work / f"stamp{rep}", work / f"child{rep}.err"
         cmd = [sys.executable, "-m", "transfer_lab.train", "experiment=quickstart", f"store_dir={store}",
                f"hydra.run.dir={work / f'child{rep}'}", "trainer.enable_progress_bar=false",
@@ -295,10 +304,12 @@ def bench_process(args, device: torch.device, store: Path, work: Path) -> dict:
         start.append(float(probe["first_step"]) - t0)
         rss.append(float(probe["peak_rss_mb"]))
         if rep % 2 == 0:
-            floor.append(spawn([sys.executable, "-c", "import torch, lightning, hydra"], work / "f.err"))
+            bare()
     out = {"startup_s": statistics.median(start), "startups": start, "import_floor_s": statistics.median(floor),
+           "import_floor_rss_mb": statistics.median(floor_rss),
            "peak_rss_mb": statistics.median(rss), "rss_mb": rss}
-    print(f"(d) peak RSS of one quickstart run process {out['peak_rss_mb']:.0f} MB   "
+    print(f"(d) peak RSS of one quickstart run process {out['peak_rss_mb']:.0f} MB (bare imports: "
+          f"{out['import_floor_rss_mb']:.0f} MB)   "
           f"(this benchmark process: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MB)")
     print(f"(e) start-up to first training step {out['startup_s']:.2f} s "
           f"({', '.join(f'{s:.2f}' for s in start)}); bare `import torch, lightning, hydra` "

@@ -10,6 +10,7 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 import torchmetrics
+from lightning.pytorch.utilities.data import extract_batch_size
 from torch import nn
 
 from transfer_lab.strategies.base import Strategy
@@ -45,6 +46,8 @@ class TransferModule(L.LightningModule):
         self.train_acc = torchmetrics.Accuracy(**task)
         self.val_acc = torchmetrics.Accuracy(**task)
         self.test_acc = torchmetrics.Accuracy(**task)
+        self.register_buffer("_loss_sum", torch.zeros(()), persistent=False)
+        self._loss_count = 0
 
     @property
     def backbone(self) -> nn.Module:  # what BaseFinetuning-style callbacks look for
@@ -66,19 +69,27 @@ class TransferModule(L.LightningModule):
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         loss = self.strategy.training_loss(self, batch)
-        # no host sync per step: Lightning accumulates an epoch-mean logged value on the device
-        # (value·batch_size added to a device tensor) and reads it once, at the epoch's end
-        self.log("train/loss", loss.detach(), on_step=False, on_epoch=True)
+        # The epoch-mean loss is summed on the device and logged once per epoch: no host sync
+        # per step, and none of ``self.log``'s per-call bookkeeping (~1% of a small CNN's step).
+        n = extract_batch_size(batch)
+        self._loss_sum += loss.detach().float() * n
+        self._loss_count += n
         return loss
+
+    def on_train_epoch_start(self) -> None:
+        self._loss_sum.zero_()
+        self._loss_count = 0
 
     def on_train_epoch_end(self) -> None:
         self.log("train/acc", self.train_acc.compute())
         self.train_acc.reset()
-        loss = self.trainer.callback_metrics.get("train/loss")
-        if loss is not None and not math.isfinite(float(loss)):
-            raise NonFiniteLossError(f"non-finite training loss ({float(loss)}) in epoch "
-                                     f"{self.current_epoch} (global step {self.global_step}) "
-                                     f"with strategy={self.strategy.name}")
+        if self._loss_count:
+            loss = self._loss_sum / self._loss_count
+            self.log("train/loss", loss)
+            if not math.isfinite(float(loss)):  # the epoch's one host sync
+                raise NonFiniteLossError(f"non-finite training loss ({float(loss)}) in epoch "
+                                         f"{self.current_epoch} (global step {self.global_step}) "
+                                         f"with strategy={self.strategy.name}")
 
     def _eval_step(self, batch: Any, metric: torchmetrics.Metric, stage: str) -> None:
         x, y = batch

@@ -63,6 +63,7 @@ class TransferDataModule(L.LightningDataModule):
         self.device_resident, self.seed, self.key = device_resident, seed, key
         self.loader, self.num_workers = loader, num_workers
         self._ready = False
+        self._stats: tuple[torch.Tensor, torch.Tensor] | None = None
 
     # --- override -------------------------------------------------------------------------
     def load_arrays(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
@@ -222,7 +223,11 @@ class TransferDataModule(L.LightningDataModule):
         if train and self.augment != "none":
             flip = self.augment == "crop_flip" and self.allows_hflip()
             x = random_crop(x, padding=max(1, x.shape[-1] // 8), flip=flip)
-        return normalize(x, self.mean, self.std)
+        if self._stats is None or self._stats[0].device != x.device:
+            # copied to the batch's device once: a per-batch host→device copy of these
+            # constants would block the host on every step
+            self._stats = (self.mean.to(x.device), self.std.to(x.device))
+        return normalize(x, *self._stats)
 
     def on_after_batch_transfer(self, batch, dataloader_idx: int):
         x, y = batch
