@@ -252,3 +252,16 @@ def test_table_data_errors_name_the_column(tmp_path):
         TableData(train_file=str(path), features=["rooms"]).prepare()
     with pytest.raises(ConfigError, match="n_train=999"):
         TableData(train_file=str(path), n_train=999).prepare()
+
+
+@pytest.mark.parametrize("name, key, value", [
+    ("analysis_mnist", "target.data.samples_per_class", 100),
+    ("analysis_cifar", "target.data.samples_per_class", 100),
+    ("analysis_ranking", "source.data.image_size", 28),
+    ("imbalance", "target.data.imbalance_ratio", 100),
+])
+def test_issue8_experiment_presets_compose(name, key, value):
+    from omegaconf import OmegaConf
+
+    cfg = compose_cfg(f"experiment={name}", tiny=False)
+    assert OmegaConf.select(cfg, key) == value
