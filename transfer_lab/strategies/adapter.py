@@ -7,8 +7,7 @@ from torch import nn
 from transfer_lab.data.datamodule import ConfigError
 from transfer_lab.models.classifier import Classifier
 from transfer_lab.strategies.base import Strategy, copy_backbone, freeze, match_modules
-from transfer_lab.strategies.peft_layers import Adapter as AdapterLayer
-from transfer_lab.strategies.peft_layers import output_shapes, replace_module
+from transfer_lab.strategies.peft_layers import AdapterLayer, output_shapes, replace_module
 
 PREFIX = "adapter_"
 

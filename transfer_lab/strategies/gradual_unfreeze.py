@@ -42,6 +42,7 @@ class GradualUnfreeze(Strategy):
         self.start, self.every, self.lr_ratio = start, every, lr_ratio
         self.schedule = list(schedule) if schedule is not None else None
         self.plan: dict[str, int] = {}
+        self.model: nn.Module | None = None
 
     def plan_for(self, model: Classifier) -> dict[str, int]:
         """``{block path: unfreeze epoch}``, output side first."""
@@ -57,13 +58,17 @@ class GradualUnfreeze(Strategy):
         copy_backbone(source, target, "gradual_unfreeze")
         freeze(target.backbone)  # params.trainable then counts the head: what epoch 0 trains
         self.plan = self.plan_for(target)
+        self.model = target
         return target
 
     def callbacks(self) -> list:
         return [UnfreezeSchedule(self.lr_ratio, self.train_bn)]
 
     def report(self) -> dict[str, Any]:
-        return {"unfreeze_epoch": self.plan, "lr_ratio": self.lr_ratio}
+        out: dict[str, Any] = {"unfreeze_epoch": self.plan, "lr_ratio": self.lr_ratio}
+        if self.model is not None:  # results.json params.trainable counts epoch 0 (head only)
+            out["trainable_at_end"] = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
+        return out
 
 
 class UnfreezeSchedule(BaseFinetuning):

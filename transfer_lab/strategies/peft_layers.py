@@ -19,7 +19,7 @@ from transfer_lab.data.datamodule import ConfigError
 ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU}
 
 
-class Adapter(nn.Module):
+class AdapterLayer(nn.Module):
     """Residual bottleneck adapter after a block: ``h + up(act(down(h)))`` with ``h = base(x)``.
 
     Works on ``(N, C, H, W)`` feature maps (1x1 convolutions) and ``(N, D)`` features (linear).
