@@ -23,6 +23,7 @@ from typing import Any
 import torch
 
 from transfer_lab.data.datamodule import ConfigError
+from transfer_lab.io import atomic_write_text
 
 
 def probe_set(dm, n: int, seed: int = 0) -> torch.Tensor:
@@ -93,7 +94,7 @@ def analyze_run(run_dir: str | Path, store: str | None = None, probe: int = 500,
     dest.mkdir(parents=True, exist_ok=True)
     if figures:
         out["figures"] = save_run_figures(out, dest)
-    (dest / "analysis.json").write_text(json.dumps(out, indent=1))
+    atomic_write_text(dest / "analysis.json", json.dumps(out, indent=1))
     return out
 
 
@@ -107,7 +108,7 @@ def run_metrics(run_dir: Path, store: str | None) -> dict:
     run = load_run(run_dir, store)
     m = class_metrics(*predict(run.target, run.target_dm), run.target_dm.num_classes)
     cache.parent.mkdir(exist_ok=True)
-    cache.write_text(json.dumps(m, indent=1))
+    atomic_write_text(cache, json.dumps(m, indent=1))
     return m
 
 
@@ -134,7 +135,7 @@ def run_transferability(run_dir: Path, store: str | None, max_samples: int) -> d
                          default_shape=tuple(source.input_shape)).prepare()
     scores = transferability(source, dm, max_samples=max_samples)
     cache.parent.mkdir(exist_ok=True)
-    cache.write_text(json.dumps(scores, indent=1))
+    atomic_write_text(cache, json.dumps(scores, indent=1))
     return scores
 
 
@@ -170,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if args.json:
-        Path(args.json).write_text(json.dumps(out, indent=1, default=str))
+        atomic_write_text(args.json, json.dumps(out, indent=1, default=str))
     return 0
 
 

@@ -79,6 +79,12 @@ class TransferModule(L.LightningModule):
     def on_train_epoch_start(self) -> None:
         self._loss_sum.zero_()
         self._loss_count = 0
+        # Lightning sets the epoch only on a loader's ``.sampler``; our in-memory loaders shuffle
+        # by their own epoch counter, which a resumed run would restart at 0 (replaying epoch 0's
+        # order). Setting it from the trainer makes a resumed run see the uninterrupted order.
+        loader = self.trainer.train_dataloader
+        if hasattr(loader, "set_epoch"):
+            loader.set_epoch(self.current_epoch)
 
     def on_train_epoch_end(self) -> None:
         self.log("train/acc", self.train_acc.compute())

@@ -25,17 +25,17 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
-from safetensors.torch import save_file
 
 import transfer_lab
 from transfer_lab.checkpoint import save_trainable
 from transfer_lab.data.datamodule import ConfigError, TransferDataModule
-from transfer_lab.io import atomic_write_json
+from transfer_lab.io import atomic_save_safetensors, atomic_write_json
 from transfer_lab.models.classifier import Classifier
 from transfer_lab.module import TransferModule
 from transfer_lab.store import SourceStore, load_state_dict, store_key
 from transfer_lab.strategies.base import Strategy
 from transfer_lab.strategies.scratch import Scratch
+from transfer_lab.validate import load_into, preflight_build, validate_config
 
 log = logging.getLogger("transfer_lab")
 SAVE_MODES = ("auto", "trainable", "full", "none")
@@ -145,8 +145,8 @@ def last_checkpoint(ckpt_dir: Path) -> tuple[Path, int] | None:
     path = ckpt_dir / "last.ckpt"
     if not path.is_file():
         return None
-    try:  # our own file, written by this run's earlier attempt: a full (pickled) Lightning checkpoint
-        epoch = int(torch.load(path, map_location="cpu", weights_only=False)["epoch"])
+    try:  # tensors + primitives: weights_only refuses anything that would run code on unpickling
+        epoch = int(torch.load(path, map_location="cpu", weights_only=True)["epoch"])
     except Exception as e:  # noqa: BLE001 — any damage means: start this cell over
         log.warning("ignoring unreadable checkpoint %s (%s): training from the start", path, e)
         if rank_zero_only.rank == 0:
@@ -157,7 +157,13 @@ def last_checkpoint(ckpt_dir: Path) -> tuple[Path, int] | None:
 
 
 def prepare(cfg: DictConfig) -> tuple[Strategy, TransferDataModule | None, TransferDataModule, DictConfig]:
-    """Instantiate and validate everything before any training: bad input fails here."""
+    """Instantiate and validate everything before any training: bad input fails here.
+
+    Order: the config against the constructors (types, unknown keys, ``???``), then the data
+    (classes, budgets, files), then the strategy's ``build`` on freshly initialised models (layer
+    globs, strict copies, source/target compatibility) — so nothing trains before a mistake shows.
+    """
+    validate_config(cfg)
     if cfg.target.save_weights not in SAVE_MODES:
         raise ConfigError(f"target.save_weights={cfg.target.save_weights!r}: valid: {', '.join(SAVE_MODES)}")
     logger_names(cfg.get("logger", "csv"))
@@ -165,16 +171,14 @@ def prepare(cfg: DictConfig) -> tuple[Strategy, TransferDataModule | None, Trans
     if not isinstance(strategy, Strategy):
         raise ConfigError(f"strategy._target_={cfg.strategy._target_}: not a transfer_lab Strategy")
     source_dm = None
-    src_shape = None
     if strategy.needs_source:
-        if cfg.source.get("checkpoint"):
-            src_shape = None  # known once the checkpoint is read
-        else:
-            source_dm = make_datamodule(cfg.source.data, cfg.seed, "source.data").prepare()
-            src_shape = source_dm.input_shape
-    target_dm = make_datamodule(cfg.target.data, cfg.seed, "target.data", default_shape=src_shape)
+        source_dm = make_datamodule(cfg.source.data, cfg.seed, "source.data").prepare()
+    target_dm = make_datamodule(cfg.target.data, cfg.seed, "target.data",
+                                default_shape=source_dm.input_shape if source_dm else None)
     target_dm.prepare()
     tgt_model_cfg = cfg.target.get("model") or cfg.source.model
+    source = build_model(cfg.source.model, source_dm) if source_dm is not None else None
+    preflight_build(strategy, source, build_model(tgt_model_cfg, target_dm))
     return strategy, source_dm, target_dm, tgt_model_cfg
 
 
@@ -222,7 +226,7 @@ def source_stage(cfg: DictConfig, strategy: Strategy, dm: TransferDataModule | N
     if not strategy.needs_source:
         return None, {"used": False, "cache_hit": None}
     if cfg.source.get("checkpoint"):
-        return checkpoint_source(cfg)
+        return checkpoint_source(cfg, dm)
     spec = source_spec(cfg, dm)
     key = store_key(spec)
 
@@ -254,16 +258,10 @@ def wait_for_entry(store: SourceStore, key: str, poll_s: float = 0.5) -> None:
         time.sleep(poll_s)
 
 
-def checkpoint_source(cfg: DictConfig) -> tuple[Classifier, dict]:
+def checkpoint_source(cfg: DictConfig, dm: TransferDataModule) -> tuple[Classifier, dict]:
     """An external source: a knowledge package, safetensors file or weights-only checkpoint."""
     path = cfg.source.checkpoint
-    state = load_state_dict(path)
-    dm = make_datamodule(cfg.source.data, cfg.seed, "source.data").prepare()
-    model = build_model(cfg.source.model, dm)
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    if missing or unexpected:
-        raise ConfigError(f"source.checkpoint={path}: does not fit source.model "
-                          f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
+    model = load_into(build_model(cfg.source.model, dm), load_state_dict(path), f"source.checkpoint={path}")
     return model, {"used": True, "checkpoint": str(path), "cache_hit": None}
 
 
@@ -325,8 +323,7 @@ def save_weights(model: torch.nn.Module, out_dir: Path, mode: str, source_key: s
     if mode == "trainable" or (mode == "auto" and frozen):
         path = save_trainable(model, out_dir / "target_trainable.safetensors", source_key)
         return {"mode": "trainable", "file": path.name, "source_key": source_key}
-    path = out_dir / "target.safetensors"
-    save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, str(path))
+    path = atomic_save_safetensors(out_dir / "target.safetensors", model.state_dict())
     return {"mode": "full", "file": path.name, "source_key": source_key}
 
 

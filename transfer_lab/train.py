@@ -21,7 +21,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from transfer_lab.data.datamodule import ConfigError
+from transfer_lab.errors import ConfigError
 
 log = logging.getLogger("transfer_lab")
 # the cores this process may use, read before any job narrows them (joblib reuses worker processes)
@@ -97,8 +97,73 @@ def summary(res: dict, skipped: bool = False) -> str:
 CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
 
 
+def check_choices(args: list[str], conf_dir: str | Path = CONF_DIR) -> None:
+    """Every ``group=option`` (or ``group@package=option``, sweeps ``a,b,c``) on the command line
+    names a YAML of ``conf/<group>/``: a typo is one line listing the valid options, where
+    Hydra's own message is twenty. Sweep functions, globs and interpolations are left to Hydra."""
+    conf = Path(conf_dir)
+    for arg in args:
+        if arg.startswith("-") or "=" not in arg:
+            continue
+        key, value = arg.lstrip("+~").split("=", 1)
+        group = key.split("@", 1)[0]
+        if group.startswith("hydra/") or not (conf / group).is_dir() or any(c in value for c in "()[]{}$*"):
+            continue
+        valid = sorted(p.relative_to(conf / group).with_suffix("").as_posix()
+                       for p in (conf / group).rglob("*.yaml"))
+        for option in (v.strip() for v in value.split(",")):
+            if option not in ("null", "") and option not in valid:
+                raise ConfigError(f"{key}={option}: unknown option (Could not find '{group}/{option}'); "
+                                  f"valid: {', '.join(valid)}")
+
+
+def check_overrides(args: list[str], conf_dir: str | Path = CONF_DIR) -> None:
+    """Compose a single run's config once before Hydra does, so a composition error (a key not in
+    the config, a bad value syntax) is one line; sweeps (``-m``) get the group check only."""
+    check_choices(args, conf_dir)
+    if any(a in ("-m", "--multirun") or a.startswith("-") for a in args):
+        return  # sweeps, --cfg, --help, ...: Hydra's own handling
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    overrides = [a for a in args if not a.lstrip("+~").startswith("hydra")]
+    try:
+        with initialize_config_dir(str(conf_dir), version_base="1.3"):
+            compose("train", overrides=overrides)
+    except Exception as e:  # noqa: BLE001 — Hydra/OmegaConf errors of any kind become one line
+        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip() and "HYDRA_FULL_ERROR" not in ln]
+        raise ConfigError(_culprit(overrides, str(e)) + (" ".join(lines) or type(e).__name__)) from None
+    finally:
+        GlobalHydra.instance().clear()
+
+
+def _culprit(overrides: list[str], message: str) -> str:
+    """``'<override>: '`` for the override that fails to parse alone, unless the message names it."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parser = OverridesParser.create()
+    for o in overrides:
+        try:
+            parser.parse_overrides([o])
+        except Exception:  # noqa: BLE001
+            return "" if o in message else f"{o}: "
+    return ""
+
+
+def main() -> float | None:
+    """``python -m transfer_lab.train`` / ``transfer-lab``: check the command line, then run Hydra
+    (``HYDRA_FULL_ERROR=1`` skips the check and shows Hydra's own error with its trace)."""
+    if not os.environ.get("HYDRA_FULL_ERROR"):
+        try:
+            check_overrides(sys.argv[1:])
+        except ConfigError as e:
+            print(f"error: {e}", file=sys.stderr)
+            sys.exit(2)
+    return hydra_main()
+
+
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="train")
-def main(cfg: DictConfig) -> float | None:
+def hydra_main(cfg: DictConfig) -> float | None:
     from lightning.pytorch.utilities import rank_zero_only
 
     from transfer_lab.run import completed, run  # heavy imports after Hydra has parsed the command line

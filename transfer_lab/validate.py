@@ -169,7 +169,7 @@ def validate_config(cfg: Any) -> None:
         plain = cfg
     _scalar(plain, "seed", int)
     for stage in ("source", "target"):
-        _scalar(plain, f"{stage}.epochs", int, 0 if stage == "source" else 1)
+        _scalar(plain, f"{stage}.epochs", int, 0)  # target.epochs=0: evaluate the transferred model as is
         _scalar(plain, f"{stage}.optimizer.lr", float, 0)
         for kind in ("data", "model", "optimizer"):
             node = plain.get(stage, {}).get(kind)

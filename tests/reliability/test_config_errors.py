@@ -148,34 +148,51 @@ def test_preflight_build_leaves_strategy_and_models_untouched():
     assert all((before[k] == v).all() for k, v in tgt.state_dict().items())
 
 
-# --- through run(): what still trains the source before failing --------------------------------------
-NEEDS_VALIDATE = pytest.mark.xfail(strict=True, reason=(
-    "run.prepare does not check types/unknown keys/??? first: call "
-    "transfer_lab.validate.validate_config(cfg) at the top of run.prepare"))
-NEEDS_PREFLIGHT = pytest.mark.xfail(strict=True, reason=(
-    "strategy.build runs after the source stage trained: run.prepare should call "
-    "transfer_lab.validate.preflight_build(strategy, build_model(source cfg, source_dm) or None, "
-    "build_model(target cfg, target_dm)) before returning"))
-
-
+# --- through run(): types, unknown keys, ??? and strategy/model mismatches fail before the source trains
 @pytest.mark.parametrize("overrides, expect", [
-    pytest.param(["target.epochs=abc"], "target.epochs='abc'", marks=NEEDS_VALIDATE),
-    pytest.param(["target.data.samples_per_class=abc"], "samples_per_class='abc'", marks=NEEDS_VALIDATE),
-    pytest.param(["+strategy.blockz=2"], "strategy.blockz: unknown option", marks=NEEDS_VALIDATE),
-    pytest.param(["data@target.data=npz"], "target.data.train_file: missing value", marks=NEEDS_VALIDATE),
+    pytest.param(["target.epochs=abc"], "target.epochs='abc'"),
+    pytest.param(["target.data.samples_per_class=abc"], "samples_per_class='abc'"),
+    pytest.param(["+strategy.blockz=2"], "strategy.blockz: unknown option"),
+    pytest.param(["data@target.data=npz"], "target.data.train_file: missing value"),
     pytest.param(["strategy=partial", "strategy.blocks=null", "strategy.layers=[backbone.nope*]"],
-                 "matches no module", marks=NEEDS_PREFLIGHT),
-    pytest.param(["strategy=finetune", "model@target.model=mlp"], "differs", marks=NEEDS_PREFLIGHT),
-    pytest.param(["strategy=linear_probe", "target.data.channels=3"], "differs", marks=NEEDS_PREFLIGHT),
+                 "matches no module"),
+    pytest.param(["strategy=finetune", "model@target.model=mlp"], "differs"),
+    pytest.param(["strategy=linear_probe", "target.data.channels=3"], "differs"),
 ])
 def test_config_errors_through_run_fail_before_training(tmp_path, overrides, expect):
     assert expect in fails_cleanly(tmp_path, *overrides)
 
 
 # --- the command line ---------------------------------------------------------------------------------
+@pytest.mark.parametrize("args, expect", [
+    (["strategy=nope"], "strategy=nope: unknown option (Could not find 'strategy/nope'); valid: adapter,"),
+    (["-m", "strategy=scratch,finetun"], "strategy=finetun: unknown option"),
+    (["model@target.model=resnet9"], "model@target.model=resnet9: unknown option"),
+    (["data@source.data=mnist5k", "target.foo=1"], "Could not override 'target.foo'"),
+    (["seed=[1"], "seed=[1"),
+])
+def test_command_line_errors_are_one_line(args, expect):
+    from transfer_lab.train import check_overrides
+
+    with pytest.raises(ConfigError) as e:
+        check_overrides(args)
+    assert expect in str(e.value) and "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("args", [
+    ["strategy=lora", "model@target.model=convnet", "seed=3", "hydra.run.dir=x"],
+    ["-m", "strategy=scratch,finetune", "seed=0,1", "hydra/launcher=parallel"],
+    ["-m", "experiment=quickstart", "strategy=glob(*)"],
+])
+def test_command_line_check_accepts_valid_commands(args):
+    from transfer_lab.train import check_overrides
+
+    check_overrides(args)
+
+
 def test_cli_hydra_errors_name_the_option_and_the_choices(tmp_path):
-    """Hydra's own composition errors (unknown group option, key not in struct) exit ≠ 0 naming
-    the option and the valid choices; they are Hydra's multi-line message, not ours."""
+    """Composition errors (unknown group option, key not in struct) exit 2 with one line naming
+    the option and the valid choices, before anything is imported or trained."""
     env = {**os.environ, "TRANSFER_LAB_STORE": str(tmp_path / "store")}
     proc = subprocess.run([sys.executable, "-m", "transfer_lab.train", f"hydra.run.dir={tmp_path}/r",
                            "strategy=nope"], capture_output=True, text=True, env=env, cwd=ROOT)
@@ -183,6 +200,5 @@ def test_cli_hydra_errors_name_the_option_and_the_choices(tmp_path):
     assert "Could not find 'strategy/nope'" in proc.stderr and "weight_transfer" in proc.stderr
     assert not (tmp_path / "store").exists()
     lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
-    if len(lines) > 1:
-        pytest.xfail(f"Hydra prints {len(lines)} lines (train.py would have to compose the config "
-                     "itself before hydra.main to print one); first: " + lines[0])
+    assert proc.returncode == 2 and len(lines) == 1, proc.stderr
+    assert lines[0].startswith("error: strategy=nope: unknown option")

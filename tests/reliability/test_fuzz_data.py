@@ -74,10 +74,6 @@ def test_synthetic_shaping_is_consistent_or_a_clear_error(kw):
     check_consistent(dm, kw)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "TransferDataModule._split leaves a class with 0 training images when val_fraction takes "
-    "all of them (1 image, val_fraction=0.5) and trains anyway; it should raise ConfigError "
-    "('<key>.val_fraction=0.5: class 1 has no training images left after the validation split')"))
 def test_class_without_training_images_is_a_config_error():
     with pytest.raises(ConfigError, match="val_fraction"):
         SyntheticData(num_classes=2, n_train=1, n_test=1, val_fraction=0.5).prepare()
@@ -93,8 +89,8 @@ def npz_arrays(draw):
     if fault == "rank":
         shape = draw(st.sampled_from([(n, hw), (n, hw, hw, 3, 1)]))
     dtype = draw(st.sampled_from([np.float32, np.int64])) if fault == "dtype" else np.uint8
-    # labels ≥ 0: negative ones are a known gap (test_negative_labels_are_rejected below)
-    labels = draw(st.lists(st.integers(0, 3), min_size=n, max_size=n)
+    # negative labels must be refused (see also test_negative_labels_are_rejected below)
+    labels = draw(st.lists(st.integers(-1, 3), min_size=n, max_size=n)
                   | st.lists(st.integers(0, 300), min_size=n, max_size=n))
     x = np.zeros(shape, dtype=dtype) + np.arange(n).reshape(-1, *[1] * (len(shape) - 1)).astype(dtype)
     y = np.asarray(labels[: n - 1 if fault == "length" else n], dtype=np.int64)
@@ -128,11 +124,6 @@ def test_npz_files_of_any_shape_load_consistently_or_fail_clearly(tmp_path_facto
     assert torch.equal(names[dm.y_train], torch.as_tensor(y)[rows])
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "TransferDataModule._check_classes accepts negative labels and _select's lookup table wraps "
-    "them onto another class (label -1 silently becomes the last class); it should raise "
-    "ConfigError('<key>: labels must be ≥ 0 (found -1)'), and build the lookup with "
-    "np.searchsorted over the kept labels instead of a table sized by the largest label"))
 def test_negative_labels_are_rejected(tmp_path):
     x = np.arange(8, dtype=np.uint8).repeat(16).reshape(8, 4, 4)
     y = np.array([-1, 0, 1, 2] * 2)

@@ -57,11 +57,6 @@ def test_sigkilled_run_resumes_from_its_last_checkpoint(tmp_path):
 
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "after a resume BatchLoader's epoch counter restarts at 0 (Lightning's _set_sampler_epoch only "
-    "looks at a .sampler), so resumed epochs replay epoch 0's shuffle; fix: TransferModule."
-    "on_train_epoch_start calls self.trainer.train_dataloader.set_epoch(self.current_epoch) when "
-    "the loader has set_epoch (verified: the resumed run then matches bit for bit)"))
 def test_resumed_run_matches_an_uninterrupted_one(tmp_path, monkeypatch):
     from transfer_lab.module import TransferModule
 

@@ -84,13 +84,7 @@ def _sources_that_load() -> list:
     for path in sorted((ROOT / "transfer_lab").rglob("*.py")):
         if "load(" not in path.read_text():
             continue
-        marks = []
-        if path.name == "run.py":
-            marks = [pytest.mark.xfail(strict=True, reason=(
-                "run.last_checkpoint reads last.ckpt with torch.load(weights_only=False); read the "
-                "epoch with weights_only=True (a Lightning checkpoint is tensors + primitives; "
-                "trainer.fit(ckpt_path=...) already loads it that way)"))]
-        params.append(pytest.param(path, id=str(path.relative_to(ROOT)), marks=marks))
+        params.append(pytest.param(path, id=str(path.relative_to(ROOT))))
     return params
 
 
@@ -227,9 +221,6 @@ def test_store_rejects_keys_that_are_paths(tmp_path):
         SourceStore(tmp_path / "s").entry("../x")
 
 
-@pytest.mark.xfail(strict=True, reason="run.checkpoint_source loads with load_state_dict(strict=False), "
-                   "whose size mismatch is a multi-line RuntimeError; it should call "
-                   "transfer_lab.validate.load_into(model, state, f'source.checkpoint={path}')")
 def test_checkpoint_that_does_not_fit_source_model_is_one_line(tmp_path):
     wrong = {k: torch.zeros(2, 2) for k in mlp(1, 16, 4, hidden=[8]).state_dict()}
     from safetensors.torch import save_file

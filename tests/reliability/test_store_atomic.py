@@ -188,12 +188,7 @@ def _direct_writes(path: Path) -> list[str]:
 
 @pytest.mark.parametrize("name", [
     "checkpoint.py", "report.py",
-    pytest.param("run.py", marks=pytest.mark.xfail(strict=True, reason=(
-        "run.save_weights writes target.safetensors with safetensors' save_file in place; use "
-        "transfer_lab.io.atomic_save_safetensors(path, model.state_dict())"))),
-    pytest.param("analyze.py", marks=pytest.mark.xfail(strict=True, reason=(
-        "analyze.py writes analysis.json and its caches with Path.write_text; use "
-        "transfer_lab.io.atomic_write_json"))),
+    "run.py", "analyze.py",
 ])
 def test_results_reports_and_weights_are_written_atomically(name):
     path = ROOT / "transfer_lab" / name

@@ -11,13 +11,10 @@ import torch
 
 from transfer_lab.data.loader import (BatchLoader, PILDataset, adapt_images, normalize, pil_loader,
                                      pil_transform, random_crop)
+from transfer_lab.errors import ConfigError
 
 AUGMENTATIONS = ("none", "crop", "crop_flip")
 LOADERS = ("memory", "torchvision")
-
-
-class ConfigError(ValueError):
-    """A configuration value that cannot work; the message names the key and the value."""
 
 
 class TransferDataModule(L.LightningDataModule):
@@ -111,6 +108,8 @@ class TransferDataModule(L.LightningDataModule):
 
     def _check_classes(self, y: np.ndarray) -> list[int]:
         present = sorted(int(c) for c in np.unique(y))
+        if present and present[0] < 0:
+            raise ConfigError(f"{self.key}: labels must be ≥ 0 (found {present[0]})")
         if self.classes is None:
             self.class_names = present
             return present
@@ -133,6 +132,11 @@ class TransferDataModule(L.LightningDataModule):
         cap = self.max_val_per_class if self.max_val_per_class is not None else math.inf
         n_val = [min(math.ceil(self.val_fraction * n), cap) for n in counts]
         avail = [int(n - v) for n, v in zip(counts, n_val)]
+        if min(avail) < 1:
+            c = int(np.argmin(avail))
+            raise ConfigError(f"{self.key}.val_fraction={self.val_fraction}: class {self.class_names[c]} "
+                              f"has no training images left after the validation split "
+                              f"({int(counts[c])} image(s), {n_val[c]} to validation)")
         if budget is not None and budget > min(avail):
             c = int(np.argmin(avail))
             raise ConfigError(f"{self.key}.samples_per_class={budget}: class {self.class_names[c]} "
@@ -240,11 +244,12 @@ class TransferDataModule(L.LightningDataModule):
 def _select(x: np.ndarray, y: np.ndarray, keep: list[int]) -> tuple[np.ndarray, np.ndarray]:
     """Keep the listed labels and remap them to 0..k-1 in the listed order."""
     y = np.asarray(y, dtype=np.int64)
-    lut = np.full(int(max(y.max(), max(keep))) + 1, -1, dtype=np.int64)
-    lut[keep] = np.arange(len(keep))
-    mapped = lut[y]
-    mask = mapped >= 0
-    return x[mask], mapped[mask]
+    keep_arr = np.asarray(keep, dtype=np.int64)
+    order = np.argsort(keep_arr)
+    # searchsorted over the kept labels: no table sized by the largest label, no wrap-around
+    pos = np.clip(np.searchsorted(keep_arr[order], y), 0, len(keep_arr) - 1)
+    mask = keep_arr[order][pos] == y
+    return x[mask], order[pos[mask]]
 
 
 def _channel_stats(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -36,6 +36,11 @@ class Partial(Strategy):
         if source is None:
             raise ConfigError("strategy=partial needs a source model")
         self.transferred = self.chosen(target)
+        src_names = {n for n, _ in source.named_modules()}
+        missing = [n for n in self.transferred if n not in src_names]
+        if missing:
+            raise ConfigError(f"strategy=partial: {missing[0]} exists in the target but not in the "
+                              f"source ({len(missing)} chosen module(s) missing: {', '.join(missing[:4])})")
         for name in self.transferred:
             src, tgt = source.get_submodule(name), target.get_submodule(name)
             try:
