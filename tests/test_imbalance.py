@@ -82,3 +82,46 @@ def test_resample_draws_classes_uniformly_and_plain_loading_follows_the_profile(
     assert torch.bincount(seen, minlength=5).tolist() == plain.train_counts.tolist()
     # the evaluation loaders are never resampled
     assert torch.equal(torch.cat([y for _, y in dm.test_dataloader()]), dm.y_test)
+
+
+def test_results_record_balanced_and_per_class_accuracy_and_transferability(tmp_path):
+    """results.json's per-class and balanced accuracy equal a recomputation from the saved target
+    weights; its LogME/LEEP equal the scores of the stored source on the target training set."""
+    from conftest import compose_cfg
+    from transfer_lab.analysis import class_metrics, predict
+    from transfer_lab.analysis.runs import load_run
+    from transfer_lab.analysis.transferability import transferability
+    from transfer_lab.run import run
+
+    cfg = compose_cfg("strategy=finetune", "target.data.imbalance_ratio=4", "target.epochs=1",
+                      "target.save_weights=full", store=tmp_path / "store")
+    res = run(cfg, tmp_path / "run")
+    loaded = load_run(tmp_path / "run", tmp_path / "store")
+    want = class_metrics(*predict(loaded.target, loaded.target_dm), loaded.target_dm.num_classes)
+    assert res["per_class"]["test/acc"] == pytest.approx(want["per_class_acc"], abs=1e-6)
+    assert res["metrics"]["test/balanced_acc"] == pytest.approx(want["balanced_acc"], abs=1e-6)
+    assert res["metrics"]["test/acc"] == pytest.approx(want["acc"], abs=1e-6)
+    scores = transferability(loaded.source, loaded.target_dm, max_samples=2000, seed=0)
+    assert res["transferability"]["logme"] == pytest.approx(scores["logme"], rel=1e-5)
+    assert res["transferability"]["leep"] == pytest.approx(scores["leep"], rel=1e-5)
+    scratch = run(compose_cfg("strategy=scratch", store=tmp_path / "store"), tmp_path / "scratch")
+    assert "transferability" not in scratch  # no source, nothing to score
+
+
+def test_augment_remedy_resamples_uniformly_and_crops_only_minority_classes():
+    dm = longtail(imbalance_remedy="augment")
+    loader = dm.train_dataloader()  # each pass is a new epoch (a new draw)
+    seen = torch.cat([y for _ in range(40) for _, y in loader])
+    freq = torch.bincount(seen, minlength=5).float() / len(seen)
+    assert torch.allclose(freq, torch.full((5,), 0.2), atol=0.02)
+    x, y = dm.x_train, dm.y_train  # class 0 is the largest; 1..4 are minority classes
+    torch.manual_seed(0)
+    out = dm.transform(x, train=True, y=y)
+    plain = dm.transform(x, train=False)
+    majority = y == 0
+    assert torch.equal(out[majority], plain[majority])  # the head class is never touched
+    changed = (out != plain).flatten(1).any(1)
+    assert changed[~majority].float().mean() > 0.5  # most minority draws are shifted crops
+    assert not torch.equal(dm.transform(x, train=True, y=y)[~majority], out[~majority])  # new each draw
+    with pytest.raises(Exception, match="imbalance_remedy=augment: needs"):
+        longtail(imbalance_remedy="augment", loader="torchvision")

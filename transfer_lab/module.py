@@ -16,6 +16,9 @@ from torch import nn
 from transfer_lab.strategies.base import Strategy
 
 
+TASKS = ("classification", "regression")
+
+
 class NonFiniteLossError(RuntimeError):
     pass
 
@@ -31,23 +34,48 @@ class TransferModule(L.LightningModule):
         num_classes: for the accuracy metrics.
         class_weights: optional per-class loss weights (imbalance remedy).
         scheduler: ``cosine`` or ``none``.
+        task: ``classification`` (cross-entropy; accuracy, balanced and per-class accuracy) or
+            ``regression`` (MSE on one output; ``mse``, ``rmse``, ``r2``), as the data module says.
     """
 
     def __init__(self, model: nn.Module, strategy: Strategy, optimizer: Callable[..., torch.optim.Optimizer],
                  lr: float, num_classes: int, class_weights: torch.Tensor | None = None,
-                 scheduler: str = "none") -> None:
+                 scheduler: str = "none", task: str = "classification") -> None:
         super().__init__()
+        if task not in TASKS:
+            raise ValueError(f"task={task!r}: valid: {', '.join(TASKS)}")
         self.save_hyperparameters(ignore=["model", "strategy", "optimizer", "class_weights"])
         self.model, self.strategy, self.optimizer_factory = model, strategy, optimizer
+        self.task = task
         self.register_buffer("class_weights", class_weights, persistent=False)
-        # validate_args=False: the checks run torch.unique on the targets and compare in Python,
-        # a host sync on every update (every training step)
-        task = {"task": "multiclass", "num_classes": num_classes, "validate_args": False}
-        self.train_acc = torchmetrics.Accuracy(**task)
-        self.val_acc = torchmetrics.Accuracy(**task)
-        self.test_acc = torchmetrics.Accuracy(**task)
+        if task == "regression":
+            self.train_mse = torchmetrics.MeanSquaredError()
+            self.val_mse, self.test_mse = torchmetrics.MeanSquaredError(), torchmetrics.MeanSquaredError()
+            self.val_r2, self.test_r2 = torchmetrics.R2Score(), torchmetrics.R2Score()
+        else:
+            # validate_args=False: the checks run torch.unique on the targets and compare in
+            # Python, a host sync on every update (every training step)
+            kw = {"num_classes": num_classes, "validate_args": False}
+            self.train_acc = torchmetrics.Accuracy(task="multiclass", **kw)
+            self.val_acc = torchmetrics.Accuracy(task="multiclass", **kw)
+            self.test_acc = torchmetrics.Accuracy(task="multiclass", **kw)
+            # per-class recall and its mean (balanced accuracy) from one DDP-synced confusion matrix
+            self.test_confusion = torchmetrics.classification.MulticlassConfusionMatrix(**kw)
+        self.test_per_class: list[float] | None = None
         self.register_buffer("_loss_sum", torch.zeros(()), persistent=False)
         self._loss_count = 0
+
+    def task_loss(self, outputs: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """The supervised loss of the task: (class-weighted) cross-entropy, or MSE for regression."""
+        if self.task == "regression":
+            return F.mse_loss(outputs.squeeze(-1), y)
+        return F.cross_entropy(outputs, y, weight=self.class_weights)
+
+    def update_train_metric(self, outputs: torch.Tensor, y: torch.Tensor) -> None:
+        if self.task == "regression":
+            self.train_mse.update(outputs.detach().squeeze(-1), y)
+        else:
+            self.train_acc.update(outputs.detach(), y)
 
     @property
     def backbone(self) -> nn.Module:  # what BaseFinetuning-style callbacks look for
@@ -87,8 +115,9 @@ class TransferModule(L.LightningModule):
             loader.set_epoch(self.current_epoch)
 
     def on_train_epoch_end(self) -> None:
-        self.log("train/acc", self.train_acc.compute())
-        self.train_acc.reset()
+        metric = self.train_mse if self.task == "regression" else self.train_acc
+        self.log("train/mse" if self.task == "regression" else "train/acc", metric.compute())
+        metric.reset()
         if self._loss_count:
             loss = self._loss_sum / self._loss_count
             self.log("train/loss", loss)
@@ -97,18 +126,49 @@ class TransferModule(L.LightningModule):
                                          f"{self.current_epoch} (global step {self.global_step}) "
                                          f"with strategy={self.strategy.name}")
 
-    def _eval_step(self, batch: Any, metric: torchmetrics.Metric, stage: str) -> None:
+    def _eval_step(self, batch: Any, stage: str) -> None:
         x, y = batch
-        logits = self(x)
-        metric.update(logits, y)
-        self.log(f"{stage}/loss", F.cross_entropy(logits, y), on_epoch=True, batch_size=len(y))
+        out = self(x)
+        if self.task == "regression":
+            pred = out.squeeze(-1)
+            mse, r2 = getattr(self, f"{stage}_mse"), getattr(self, f"{stage}_r2")
+            mse.update(pred, y)
+            r2.update(pred, y)
+            self.log(f"{stage}/loss", F.mse_loss(pred, y), on_epoch=True, batch_size=len(y))
+            self.log(f"{stage}/mse", mse, on_epoch=True)
+            self.log(f"{stage}/r2", r2, on_epoch=True)
+            return
+        metric = getattr(self, f"{stage}_acc")
+        metric.update(out, y)
+        if stage == "test":
+            self.test_confusion.update(out, y)
+        self.log(f"{stage}/loss", F.cross_entropy(out, y), on_epoch=True, batch_size=len(y))
         self.log(f"{stage}/acc", metric, on_epoch=True)
 
     def validation_step(self, batch: Any, batch_idx: int) -> None:
-        self._eval_step(batch, self.val_acc, "val")
+        self._eval_step(batch, "val")
 
     def test_step(self, batch: Any, batch_idx: int) -> None:
-        self._eval_step(batch, self.test_acc, "test")
+        self._eval_step(batch, "test")
+
+    def _log_derived(self, stage: str) -> None:
+        if self.task == "regression":  # RMSE from the epoch's MSE (the metric is already synced)
+            self.log(f"{stage}/rmse", getattr(self, f"{stage}_mse").compute().sqrt())
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_derived("val")
+
+    def on_test_epoch_end(self) -> None:
+        self._log_derived("test")
+        if self.task == "regression":
+            return
+        cm = self.test_confusion.compute().float()
+        support = cm.sum(1)
+        recall = cm.diag() / support.clamp_min(1)
+        present = support > 0  # classes absent from the test set do not count
+        self.log("test/balanced_acc", recall[present].mean() if present.any() else recall.new_tensor(float("nan")))
+        self.test_per_class = [float(r) if p else float("nan") for r, p in zip(recall.tolist(), present.tolist())]
+        self.test_confusion.reset()
 
     def configure_optimizers(self):
         groups = self.strategy.param_groups(self.model, self.hparams.lr)

@@ -41,7 +41,7 @@ log = logging.getLogger("transfer_lab")
 SAVE_MODES = ("auto", "trainable", "full", "none")
 LOGGERS = ("csv", "tensorboard", "none")
 # keys that change how a run is executed or logged, not its result: resuming ignores them
-NON_RESULT_KEYS = ("resume", "logger", "store_dir")
+NON_RESULT_KEYS = ("resume", "logger", "store_dir", "transferability")
 # Lightning's per-Trainer banners ("GPU available", tips) drown a sweep's one-line summaries
 for _name in ("lightning.pytorch.utilities.rank_zero", "lightning.pytorch.accelerators.cuda",
               "lightning.fabric.utilities.rank_zero"):
@@ -72,12 +72,15 @@ def run(cfg: DictConfig, out_dir: str | Path, choices: dict[str, Any] | None = N
     source, results["source"] = source_stage(cfg, strategy, source_dm, devices)
     source_s = time.perf_counter() - t0
 
+    if source is not None and cfg.get("transferability", True):
+        results["transferability"] = transferability_scores(source, target_dm)
     L.seed_everything(int(cfg.seed), verbose=False)  # the target init is the same whatever the source path
     target = build_model(tgt_model_cfg, target_dm)
     model = strategy.build(source, target)
     module = TransferModule(model, strategy, instantiate(cfg.target.optimizer, _partial_=True),
                             lr=float(cfg.target.optimizer.lr), num_classes=target_dm.num_classes,
-                            class_weights=target_dm.class_weights, scheduler=cfg.target.scheduler)
+                            class_weights=target_dm.class_weights, scheduler=cfg.target.scheduler,
+                            task=task_of(target_dm))
     results["data"] = {"target": {**target_dm.summary(),
                                   "samples_per_class": cfg.target.data.get("samples_per_class")}}
     results["params"] = {"total": sum(p.numel() for p in model.parameters()),
@@ -102,6 +105,8 @@ def run(cfg: DictConfig, out_dir: str | Path, choices: dict[str, Any] | None = N
     results["metrics"] = {k: float(v) for k, v in tested.items()}
     results["metrics"].update({k: float(v) for k, v in trainer.callback_metrics.items()
                                if k.startswith(("val/", "train/"))})
+    if module.test_per_class is not None:
+        results["per_class"] = {"test/acc": module.test_per_class}
     results["strategy_report"] = strategy.report()
     results["target_training"] = {"epochs": int(trainer.current_epoch), "world_size": trainer.world_size,
                                   "resumed_after_epoch": resume_from[1] if resume_from else None}
@@ -115,6 +120,23 @@ def run(cfg: DictConfig, out_dir: str | Path, choices: dict[str, Any] | None = N
         atomic_write_json(out_dir / "results.json", results)
         shutil.rmtree(ckpt_dir, ignore_errors=True)  # the weights are saved; the resume state is not needed
     return results
+
+
+def task_of(dm: TransferDataModule) -> str:
+    """``classification`` unless the data module declares another task (``TableData``: regression)."""
+    return getattr(dm, "task", "classification")
+
+
+def transferability_scores(source: Classifier, dm: TransferDataModule, max_samples: int = 2000) -> dict:
+    """LogME and LEEP of the frozen source on the target training set, before any training
+    (You et al., 2021; Nguyen et al., 2020). Classification targets whose input the source takes."""
+    from transfer_lab.analysis.transferability import transferability
+
+    if task_of(dm) != "classification":
+        return {"skipped": "regression target"}
+    if tuple(source.input_shape) != tuple(dm.input_shape):  # scoring would need the source's data path
+        return {"skipped": f"source input {list(source.input_shape)} ≠ target input {list(dm.input_shape)}"}
+    return transferability(source, dm, max_samples=max_samples, seed=0)  # eval mode, no_grad: no BN drift
 
 
 def config_hash(cfg: DictConfig | dict) -> str:
@@ -235,7 +257,8 @@ def source_stage(cfg: DictConfig, strategy: Strategy, dm: TransferDataModule | N
         L.seed_everything(int(cfg.seed), verbose=False)
         model = build_model(cfg.source.model, dm)
         module = TransferModule(model, Scratch(), instantiate(cfg.source.optimizer, _partial_=True),
-                                lr=float(cfg.source.optimizer.lr), num_classes=dm.num_classes)
+                                lr=float(cfg.source.optimizer.lr), num_classes=dm.num_classes,
+                                task=task_of(dm))
         trainer = make_trainer(cfg, "source", Path(cfg.store_dir) / ".logs" / key, [], devices)
         trainer.fit(module, datamodule=dm)
         tested = trainer.test(module, datamodule=dm, verbose=False)[0]

@@ -83,11 +83,17 @@ def apply_placement(cfg: DictConfig, where: dict[str, Any]) -> Any:
     return None
 
 
+def headline(metrics: dict) -> str:
+    """``test/acc``, or ``test/r2`` for a regression run."""
+    return "test/acc" if "test/acc" in metrics or "test/r2" not in metrics else "test/r2"
+
+
 def summary(res: dict, skipped: bool = False) -> str:
     m, src = res["metrics"], res["source"]
+    key = headline(m)
     head = f"[{res['strategy']} seed={res['seed']}]" + (" skipped (done):" if skipped else "")
-    return (f"{head} target test/acc={m['test/acc']:.4f} "
-            f"source test/acc={src.get('test/acc', float('nan')):.4f} "
+    return (f"{head} target {key}={m[key]:.4f} "
+            f"source {key}={src.get(key, float('nan')):.4f} "
             f"cache_hit={src.get('cache_hit')} params trainable={res['params']['trainable']:,}"
             f"/{res['params']['total']:,} time={res['timings']['total_s']:.1f}s")
 
@@ -174,7 +180,7 @@ def hydra_main(cfg: DictConfig) -> float | None:
     done = completed(cfg, out_dir)
     if done is not None:
         print(summary(done, skipped=True), flush=True)
-        return done["metrics"]["test/acc"]
+        return done["metrics"][headline(done["metrics"])]
     n_jobs = int(hc.launcher.get("n_jobs") or 1) if hc.mode == RunMode.MULTIRUN else 1
     if n_jobs < 0:  # joblib's -1: one job per core
         n_jobs = os.cpu_count() or 1
@@ -195,7 +201,7 @@ def hydra_main(cfg: DictConfig) -> float | None:
         sys.exit(2)
     if rank_zero_only.rank == 0:  # one line per finished cell, not one per DDP rank
         print(summary(res), flush=True)
-    return res["metrics"]["test/acc"]
+    return res["metrics"][headline(res["metrics"])]
 
 
 if __name__ == "__main__":

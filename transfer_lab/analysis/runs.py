@@ -83,7 +83,7 @@ def load_source(results: dict, cfg: DictConfig, run_dir: Path,
     if not src.get("used"):
         return None
     if src.get("checkpoint"):
-        return checkpoint_source(cfg)[0]
+        return checkpoint_source(cfg, make_datamodule(cfg.source.data, cfg.seed, "source.data").prepare())[0]
     store = Path(_locate(str(store_dir or cfg.store_dir), run_dir))
     entry = store / src["key"]
     if not (entry / "model.safetensors").is_file():

@@ -15,6 +15,7 @@ from transfer_lab.errors import ConfigError
 
 AUGMENTATIONS = ("none", "crop", "crop_flip")
 LOADERS = ("memory", "torchvision")
+REMEDIES = (None, "reweight", "resample", "augment")
 
 
 class TransferDataModule(L.LightningDataModule):
@@ -29,7 +30,10 @@ class TransferDataModule(L.LightningDataModule):
         classes: original labels to keep, remapped to ``0..k-1`` in the given order (None: all).
         samples_per_class: label budget per class, drawn stratified and seeded (None: all).
         imbalance_ratio: if set, class ``i`` keeps ``n_max · ratio^(-i/(k-1))`` images.
-        imbalance_remedy: ``reweight`` (class-weighted loss) or ``resample`` (balanced sampling).
+        imbalance_remedy: ``reweight`` (class-weighted loss), ``resample`` (class-balanced
+            sampling) or ``augment`` (class-balanced sampling, and every image of a minority
+            class — fewer training images than the largest class — randomly cropped (and
+            flipped where allowed) each time it is drawn, so its repeats are not copies).
         val_fraction: share of each class's training pool held out for validation.
         max_val_per_class: cap on those validation images per class (monitoring only; keeps
             per-epoch validation cheap when the pool is large and the budget small).
@@ -96,9 +100,12 @@ class TransferDataModule(L.LightningDataModule):
             raise ConfigError(f"{self.key}.augment={self.augment!r}: valid: {', '.join(AUGMENTATIONS)}")
         if self.loader not in LOADERS:
             raise ConfigError(f"{self.key}.loader={self.loader!r}: valid: {', '.join(LOADERS)}")
-        if self.imbalance_remedy not in (None, "reweight", "resample"):
+        if self.imbalance_remedy not in REMEDIES:
             raise ConfigError(f"{self.key}.imbalance_remedy={self.imbalance_remedy!r}: valid: "
-                              "null, reweight, resample")
+                              f"{', '.join(str(r).replace('None', 'null') for r in REMEDIES)}")
+        if self.imbalance_remedy == "augment" and self.loader != "memory":
+            raise ConfigError(f"{self.key}.imbalance_remedy=augment: needs {self.key}.loader=memory "
+                              "(minority-class crops are batched tensor ops)")
         if self.samples_per_class is not None and self.samples_per_class < 1:
             raise ConfigError(f"{self.key}.samples_per_class={self.samples_per_class}: must be ≥ 1")
         if not 0 <= self.val_fraction < 1:
@@ -196,7 +203,7 @@ class TransferDataModule(L.LightningDataModule):
         if self.trainer is not None:
             rank, world = self.trainer.global_rank, self.trainer.world_size
         weights = None
-        if train and self.imbalance_remedy == "resample":
+        if train and self.imbalance_remedy in ("resample", "augment"):
             weights = (1.0 / torch.as_tensor(self.train_counts, dtype=torch.float))[y.cpu()]
         if self.loader == "torchvision":
             return self._pil_loader(x, y, train, weights)
@@ -222,11 +229,16 @@ class TransferDataModule(L.LightningDataModule):
     def test_dataloader(self) -> BatchLoader:
         return self._loader(self.x_test, self.y_test, train=False)
 
-    def transform(self, x: torch.Tensor, train: bool) -> torch.Tensor:
-        """uint8 batch on device → normalised float batch, augmented when training."""
+    def transform(self, x: torch.Tensor, train: bool, y: torch.Tensor | None = None) -> torch.Tensor:
+        """uint8 batch on device → normalised float batch, augmented when training (with
+        ``imbalance_remedy=augment`` and labels ``y``: minority-class images are cropped too)."""
         if train and self.augment != "none":
             flip = self.augment == "crop_flip" and self.allows_hflip()
             x = random_crop(x, padding=max(1, x.shape[-1] // 8), flip=flip)
+        elif train and self.imbalance_remedy == "augment" and y is not None:
+            minority = torch.as_tensor(self.train_counts < self.train_counts.max(), device=x.device)
+            cropped = random_crop(x, padding=max(1, x.shape[-1] // 8), flip=self.allows_hflip())
+            x = torch.where(minority[y].view(-1, 1, 1, 1), cropped, x)  # no host sync
         if self._stats is None or self._stats[0].device != x.device:
             # copied to the batch's device once: a per-batch host→device copy of these
             # constants would block the host on every step
@@ -238,7 +250,7 @@ class TransferDataModule(L.LightningDataModule):
         if x.dtype != torch.uint8:  # the torchvision path has already transformed per sample
             return batch
         training = self.trainer is not None and self.trainer.training
-        return self.transform(x, training), y
+        return self.transform(x, training, y), y
 
 
 def _select(x: np.ndarray, y: np.ndarray, keep: list[int]) -> tuple[np.ndarray, np.ndarray]:

@@ -10,7 +10,6 @@ import fnmatch
 from typing import TYPE_CHECKING, Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from transfer_lab.data.datamodule import ConfigError
@@ -64,14 +63,14 @@ class Strategy:
 
     def training_loss(self, module: TransferModule, batch: Any) -> torch.Tensor:
         x, y = batch
-        logits = module(x)
-        loss = F.cross_entropy(logits, y, weight=module.class_weights)
-        extra = self.loss(module, batch, logits)
-        module.train_acc.update(logits.detach(), y)
+        outputs = module(x)
+        loss = module.task_loss(outputs, y)  # cross-entropy (class-weighted), or MSE for regression
+        extra = self.loss(module, batch, outputs)
+        module.update_train_metric(outputs, y)
         return loss if extra is None else loss + extra
 
     def loss(self, module: TransferModule, batch: Any, outputs: torch.Tensor) -> torch.Tensor | None:
-        """Override to add terms to the cross-entropy. Default: none."""
+        """Override to add terms to the task loss (cross-entropy or MSE). Default: none."""
         return None
 
     def callbacks(self) -> list:
