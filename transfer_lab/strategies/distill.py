@@ -20,11 +20,19 @@ shapes come from one dry forward of both models) and ``callbacks()`` returns an
 ``TransferModule`` as ``distill_regressors``. ``TransferModule`` puts such parameters in its
 ``strategy`` optimizer group; the student model itself stays a plain ``Classifier`` (its saved
 weights and parameter count are the student's alone).
+
+Teacher cost: with logits only (no hints/attention) and deterministic training batches (target
+``augment=none``, in-memory loader), the teacher's output for an image never changes, so
+``cache_teacher`` (default ``auto``) runs the teacher once over the training set at ``setup`` and
+the training loader yields ``(x, y, teacher_logits)`` — one teacher forward per image per run
+instead of per image per epoch. The cached loader is the target's own ``BatchLoader`` (same
+seed, same per-epoch permutation), so cached and uncached runs see the same batches.
 """
 
 from __future__ import annotations
 
 import copy
+import time
 from typing import TYPE_CHECKING, Any
 
 import lightning as L
@@ -32,7 +40,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from transfer_lab.data.datamodule import ConfigError
+from transfer_lab.data.datamodule import ConfigError, TransferDataModule
+from transfer_lab.data.loader import BatchLoader
 from transfer_lab.hooks import FeatureCapture, capture_features
 from transfer_lab.models.classifier import Classifier
 from transfer_lab.strategies.base import Strategy, freeze
@@ -91,6 +100,9 @@ class Distill(Strategy):
         hint_weight: weight of the summed hint MSEs.
         attention: attention-transfer pairs ``[[student_path, teacher_path], ...]`` (4-D features).
         attention_weight: β of attention transfer (1000 as in the authors' code).
+        cache_teacher: ``auto`` (cache the teacher's logits once per training set when valid: KD
+            term on, no hints/attention, target ``augment=none`` and no ``imbalance_remedy=augment``,
+            ``loader=memory``), ``true`` (the same, but an invalid setting is an error) or ``false``.
         train_bn: see ``Strategy``.
     """
 
@@ -99,10 +111,14 @@ class Distill(Strategy):
     def __init__(self, temperature: float = 4.0, ce_weight: float = 1.0, kd_weight: float = 1.0,
                  hints: list[list[str]] | None = None, hint_weight: float = 1.0,
                  attention: list[list[str]] | None = None, attention_weight: float = 1000.0,
-                 train_bn: bool = False) -> None:
+                 cache_teacher: str | bool = "auto", train_bn: bool = False) -> None:
         super().__init__(train_bn)
         if temperature <= 0:
             raise ConfigError(f"strategy.temperature={temperature}: must be > 0")
+        if cache_teacher not in ("auto", True, False):
+            raise ConfigError(f"strategy.cache_teacher={cache_teacher!r}: valid: auto, true, false")
+        self.cache_teacher = cache_teacher
+        self.cache_info: dict[str, Any] = {"used": False, "reason": "datamodule hook not called"}
         self.temperature, self.ce_weight, self.kd_weight = temperature, ce_weight, kd_weight
         self.hints, self.attention = _pairs(hints, "hints"), _pairs(attention, "attention")
         self.hint_weight, self.attention_weight = hint_weight, attention_weight
@@ -143,7 +159,43 @@ class Distill(Strategy):
         src = source_dm if source_dm is not None else target_dm  # a checkpoint source: assume alike
         self.stats = {"t_mean": target_dm.mean, "t_std": target_dm.std,
                       "s_mean": src.mean, "s_std": src.std}
-        return target_dm
+        why_not = self._cache_blocker(target_dm)
+        if why_not and self.cache_teacher is True:
+            raise ConfigError(f"strategy.cache_teacher=true: cannot cache the teacher's logits ({why_not})")
+        self.cache_info = {"used": not why_not and self.cache_teacher is not False,
+                           "reason": why_not or ("off" if self.cache_teacher is False else "valid")}
+        return TeacherLogitCache(target_dm, self.cache_logits) if self.cache_info["used"] else target_dm
+
+    def _cache_blocker(self, dm: L.LightningDataModule) -> str | None:
+        """Why the teacher's logits for an image can change between epochs (None: they cannot)."""
+        if not self.kd_weight:
+            return "kd_weight=0: the teacher is never run"
+        if self.hints or self.attention:
+            return "hints/attention need the teacher's features of every batch"
+        if not isinstance(dm, TransferDataModule):
+            return f"the target data module is a {type(dm).__name__}, not a TransferDataModule"
+        if dm.loader != "memory":
+            return f"target.data.loader={dm.loader} (needs memory)"
+        if dm.augment != "none":
+            return f"target.data.augment={dm.augment}: every epoch sees new crops"
+        if dm.imbalance_remedy == "augment":
+            return "target.data.imbalance_remedy=augment: minority images are cropped per draw"
+        return None
+
+    @torch.no_grad()
+    def cache_logits(self, dm: TransferDataModule, trainer: L.Trainer) -> torch.Tensor:
+        """The teacher's logits for every training image, transformed exactly as a training batch
+        is (normalised, no augmentation), in eval-batch chunks on the training device."""
+        t0 = time.perf_counter()
+        device = trainer.strategy.root_device
+        teacher = self.teacher.to(device).eval()
+        out = []
+        for chunk in dm.x_train.split(dm.eval_batch_size):
+            x = dm.transform(chunk.to(device), train=True)
+            with trainer.precision_plugin.forward_context():  # as the training step would run it
+                out.append(teacher(self.teacher_input(x)).float())
+        self.cache_info["seconds"] = round(time.perf_counter() - t0, 3)
+        return torch.cat(out).to(dm.y_train.device)
 
     def callbacks(self) -> list:
         return [AttachModules("distill_regressors", self.regressors)] if len(self.regressors) else []
@@ -176,12 +228,13 @@ class Distill(Strategy):
         return (x - st["s_mean"].to(x).view(view)) / st["s_std"].to(x).view(view)
 
     def training_loss(self, module: TransferModule, batch: Any) -> torch.Tensor:
-        x, y = batch
-        teacher = self.teacher
-        if next(teacher.parameters()).device != x.device:
-            teacher.to(x.device)
-        teacher.eval()  # Lightning's train() calls never reach it: it is not registered
-        if self.kd_weight or self.hints or self.attention:  # kd_weight=0 alone: the student alone
+        x, y, *cached = batch  # (x, y, teacher_logits) from TeacherLogitCache's loader
+        t_logits = cached[0] if cached else None
+        if (self.kd_weight and t_logits is None) or self.hints or self.attention:
+            teacher = self.teacher  # kd_weight=0 alone: the student alone, no teacher forward
+            if next(teacher.parameters()).device != x.device:
+                teacher.to(x.device)
+            teacher.eval()  # Lightning's train() calls never reach it: it is not registered
             with torch.no_grad(), self.t_capture:
                 t_logits = teacher(self.teacher_input(x))
         with self.s_capture:
@@ -211,7 +264,57 @@ class Distill(Strategy):
         return {"temperature": self.temperature, "ce_weight": self.ce_weight,
                 "kd_weight": self.kd_weight, "hints": [list(p) for p in self.hints],
                 "attention": [list(p) for p in self.attention],
+                "cache_teacher": self.cache_teacher, "teacher_cache": self.cache_info,
                 "params": getattr(self, "param_counts", None)}
+
+
+class CachedLogitLoader(BatchLoader):
+    """The target's training ``BatchLoader`` yielding ``(x, y, teacher_logits)``.
+
+    It shuffles positions ``0..N-1`` with the wrapped loader's own settings (seed, epoch, sample
+    weights, DDP share), so batches and their order are exactly those of the uncached loader;
+    labels and logits are then picked by position.
+    """
+
+    def __init__(self, base: BatchLoader, logits: torch.Tensor) -> None:
+        self.__dict__.update(base.__dict__)
+        self.labels, self.logits = base.y, logits
+        self.y = torch.arange(len(base.y), device=base.y.device)
+
+    def __iter__(self):
+        for x, pos in super().__iter__():
+            yield x, self.labels[pos], self.logits[pos]
+
+
+class TeacherLogitCache(L.LightningDataModule):
+    """The target data module plus the teacher's logits of every training image, computed once
+    at ``setup`` by ``compute(dm, trainer)``; validation and test batches pass through unchanged."""
+
+    def __init__(self, dm: TransferDataModule, compute) -> None:
+        super().__init__()
+        self.dm, self.compute = dm, compute
+        self.logits: torch.Tensor | None = None
+
+    def setup(self, stage: str | None = None) -> None:
+        self.dm.trainer = self.trainer  # the wrapped module reads device, rank and mode from it
+        self.dm.setup(stage)
+        if self.logits is None or self.logits.device != self.dm.y_train.device:
+            self.logits = self.compute(self.dm, self.trainer)
+
+    def train_dataloader(self) -> CachedLogitLoader:
+        return CachedLogitLoader(self.dm.train_dataloader(), self.logits)
+
+    def val_dataloader(self):
+        return self.dm.val_dataloader()
+
+    def test_dataloader(self):
+        return self.dm.test_dataloader()
+
+    def on_after_batch_transfer(self, batch, dataloader_idx: int):
+        if len(batch) == 3:
+            x, y, t = batch
+            return (*self.dm.on_after_batch_transfer((x, y), dataloader_idx), t)
+        return self.dm.on_after_batch_transfer(batch, dataloader_idx)
 
 
 @torch.no_grad()
