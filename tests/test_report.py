@@ -10,16 +10,19 @@ from transfer_lab.report import ci95, main, report
 
 
 def fake_result(path, strategy, seed, acc, budget=10, status="ok", extra=None, model="convnet",
-                trainer=None):
-    """A results.json as run.py writes it (only the fields the report reads, plus noise)."""
+                trainer=None, metrics=None, source_data=None):
+    """A results.json as run.py writes it (only the fields the report reads, plus noise).
+    ``metrics`` replaces ``{"test/acc": acc}``; ``source_data`` adds a source data choice."""
     cfg = {"seed": seed, "store_dir": f"/tmp/store{seed}",
            "strategy": {"_target_": f"transfer_lab.strategies.{strategy}.X"},
-           "source": {"epochs": 2, "model": {"_target_": model}},
+           "source": {"epochs": 2, "model": {"_target_": model},
+                      **({"data": {"_target_": source_data}} if source_data else {})},
            "target": {"epochs": 5, "data": {"samples_per_class": budget, "classes": [5, 6]}},
            **({"trainer": trainer} if trainer is not None else {})}
-    res = {"status": status, "strategy": strategy, "seed": seed, "config": cfg,
-           "choices": {"strategy": strategy, "model@source.model": model, "task": None},
-           "metrics": {"test/acc": acc}, "source": {"test/acc": 0.9},
+    choices = {"strategy": strategy, "model@source.model": model, "task": None,
+               **({"data@source.data": source_data} if source_data else {})}
+    res = {"status": status, "strategy": strategy, "seed": seed, "config": cfg, "choices": choices,
+           "metrics": metrics or {"test/acc": acc}, "source": {"test/acc": 0.9},
            "params": {"trainable": 100 if strategy != "linear_probe" else 10, "total": 100},
            "timings": {"total_s": 2.0}, **(extra or {})}
     if status != "ok":
@@ -102,3 +105,148 @@ def test_a_key_missing_from_older_results_does_not_split_groups(tmp_path):
     assert res["keys"] == ["strategy", "target.data.samples_per_class"]
     assert sorted(res["table"]["n"]) == [1, 2]
     assert "| scratch | all | 0.6000 ± 0.1414 | 2 |" in res["markdown"]
+
+
+OLD_COLUMNS = ["strategy", "target.data.samples_per_class", "n", "seeds", "acc_mean", "acc_std",
+               "acc_ci95", "source_acc", "trainable", "time_s", "gain_vs_scratch", "negative_transfer"]
+
+
+def test_old_results_give_exactly_the_old_columns(tmp_path):
+    for seed in (0, 1):
+        fake_result(tmp_path / f"s{seed}", "scratch", seed, 0.5 + 0.1 * seed)
+        fake_result(tmp_path / f"f{seed}", "finetune", seed, 0.7 + 0.1 * seed)
+    res = report(tmp_path, plot=False)
+    assert list(res["table"].columns) == OLD_COLUMNS
+    assert list(pd.read_csv(tmp_path / "report" / "report.csv").columns) == OLD_COLUMNS
+    assert res["per_class"] is None and res["ranking"] is None and not res["problems"]
+    assert {p.name for p in (tmp_path / "report").iterdir()} == {"report.md", "report.csv"}
+    assert res["markdown"].splitlines()[0] == (
+        "| strategy | labels/class | test/acc mean ± std | n | seeds | 95% CI | gain vs scratch "
+        "| source acc | trainable params | time (s) |")
+    assert "Per-class" not in res["markdown"] and "Transferability" not in res["markdown"]
+
+
+def test_balanced_and_per_class_accuracy_are_means_over_seeds(tmp_path):
+    data = {"target": {"classes": [5, 6, 7]}}
+    # scratch: per-class vectors per seed; class 7 absent from seed 1's test set (NaN: skipped)
+    scratch = [(0.50, [1.0, 0.5, 0.0]), (0.75, [0.8, 0.7, float("nan")])]
+    for seed, (bal, per) in enumerate(scratch):
+        fake_result(tmp_path / f"s{seed}", "scratch", seed, 0.6, extra={
+            "data": data, "per_class": {"test/acc": per},
+            }, metrics={"test/acc": 0.6, "test/balanced_acc": bal})
+    for seed, per in enumerate([[0.9, 0.9, 0.6], [0.7, 0.9, 0.8]]):
+        fake_result(tmp_path / f"f{seed}", "finetune", seed, 0.8, extra={
+            "data": data, "per_class": {"test/acc": per}},
+            metrics={"test/acc": 0.8, "test/balanced_acc": sum(per) / 3})
+    fake_result(tmp_path / "f2", "finetune", 2, 0.8)  # an older result: no balanced/per-class keys
+    res = report(tmp_path, plot=False)
+    t = res["table"].set_index("strategy")
+    assert t.loc["scratch", "balanced_acc_mean"] == pytest.approx(0.625)
+    assert t.loc["scratch", "balanced_acc_std"] == pytest.approx(0.25 / math.sqrt(2))
+    assert t.loc["finetune", "n"] == 3  # the older seed still counts for acc ...
+    assert t.loc["finetune", "balanced_acc_mean"] == pytest.approx((2.4 + 2.4) / 6)  # ... not here
+    per = pd.read_csv(tmp_path / "report" / "per_class.csv").set_index("strategy")
+    assert list(per.columns) == ["target.data.samples_per_class", "n", "class 5", "class 6", "class 7"]
+    assert per.loc["scratch", ["class 5", "class 6", "class 7"]].tolist() == pytest.approx([0.9, 0.6, 0.0])
+    assert per.loc["finetune", ["class 5", "class 6", "class 7"]].tolist() == pytest.approx([0.8, 0.9, 0.7])
+    assert per.loc["finetune", "n"] == 2
+    md = res["markdown"]
+    assert "| scratch | 10 | 0.6000 ± 0.0000 | 2 | 0,1 | ± 0.0000 | 0.6250 ± 0.1768 |" in md
+    assert "## Per-class test accuracy (mean over seeds)" in md
+    assert "| strategy | labels/class | n | class 5 | class 6 | class 7 |" in md
+    assert "| scratch | 10 | 2 | 0.9000 | 0.6000 | 0.0000 |" in md
+
+
+# 4 sources (source model × source data) → (acc, logme, leep) per seed 0, 1
+SOURCES = {("lenet", "mnist"): [(0.90, 3.0, -0.5), (0.92, 3.2, -0.7)],
+           ("lenet", "usps"): [(0.80, 2.0, -0.4), (0.84, 2.2, -0.4)],
+           ("mlp", "mnist"): [(0.70, 1.0, -0.9), (0.70, 1.4, -0.9)],
+           ("mlp", "usps"): [(0.60, 0.5, -0.8), (0.58, 0.1, -1.0)]}
+
+
+def write_sources(root, sources, budget=10):
+    for (model, data), per_seed in sources.items():
+        for seed, (acc, logme, leep) in enumerate(per_seed):
+            fake_result(root / f"{model}_{data}_{budget}_{seed}", "finetune", seed, acc, budget,
+                        model=model, source_data=data,
+                        extra={"transferability": {"logme": logme, "leep": leep, "n": 50}})
+
+
+def test_transferability_ranking_has_kendall_tau_per_setting(tmp_path):
+    write_sources(tmp_path, SOURCES)
+    # budget 50: LogME reverses the accuracy order, LEEP agrees with it
+    write_sources(tmp_path, {k: [(a, -lm, -lp) for a, lm, lp in v] for k, v in SOURCES.items()}, 50)
+    for seed in (0, 1):  # a scratch baseline has no source and no scores: not a ranked source
+        fake_result(tmp_path / f"scratch{seed}", "scratch", seed, 0.5, model="lenet", source_data="mnist")
+    res = report(tmp_path, plot=False)
+    r = res["ranking"]
+    b10 = r[r["target.data.samples_per_class"] == 10]
+    # seed means: acc .91 .82 .70 .59; LogME 3.1 2.1 1.2 .3 (same order); LEEP -.6 -.4 -.9 -.9
+    assert list(b10["source"]) == ["model=lenet, data=mnist", "model=lenet, data=usps",
+                                   "model=mlp, data=mnist", "model=mlp, data=usps"]
+    assert b10["acc"].tolist() == pytest.approx([0.91, 0.82, 0.70, 0.59])
+    assert b10["logme"].tolist() == pytest.approx([3.1, 2.1, 1.2, 0.3])
+    assert b10["leep"].tolist() == pytest.approx([-0.6, -0.4, -0.9, -0.9])
+    assert (b10["n_sources"] == 4).all() and (b10["n"] == 2).all()
+    assert b10["tau_logme"].iloc[0] == pytest.approx(1.0)
+    # LEEP: pair (1,2) discordant, (3,4) tied in LEEP → τ-b = (4 - 1) / sqrt(6 * 5)
+    assert b10["tau_leep"].iloc[0] == pytest.approx(3 / math.sqrt(30))
+    b50 = r[r["target.data.samples_per_class"] == 50]
+    assert b50["tau_logme"].iloc[0] == pytest.approx(-1.0)
+    assert b50["tau_leep"].iloc[0] == pytest.approx(-3 / math.sqrt(30))
+    md = res["markdown"]
+    assert "## Transferability ranking (test/acc)" in md
+    assert "### strategy=finetune, labels/class=10: 4 sources" in md
+    assert "| model=lenet, data=usps | 2 | 2.1000 | -0.4000 | 0.8200 |" in md
+    assert "Kendall's τ(LogME, test/acc) = 1.00; τ(LEEP, test/acc) = 0.55 over 4 sources." in md
+    assert "Kendall's τ(LogME, test/acc) = -1.00" in md
+    # the main table carries the score means as columns; scratch has none
+    t = res["table"]
+    row = t[(t["strategy"] == "finetune") & (t["source.model"] == "mlp") & (t["source.data"] == "usps")
+            & (t["target.data.samples_per_class"] == 10)].iloc[0]
+    assert row["logme"] == pytest.approx(0.3) and row["leep"] == pytest.approx(-0.9)
+    assert t[t["strategy"] == "scratch"]["logme"].isna().all()
+    assert len(pd.read_csv(tmp_path / "report" / "ranking.csv")) == 8
+
+
+def test_no_ranking_below_three_sources(tmp_path):
+    write_sources(tmp_path, dict(list(SOURCES.items())[:2]))
+    res = report(tmp_path, plot=False)
+    assert res["ranking"] is None and "Transferability ranking" not in res["markdown"]
+    assert not (tmp_path / "report" / "ranking.csv").exists()
+    assert res["table"]["logme"].tolist() == pytest.approx([3.1, 2.1])  # still in the main table
+
+
+def test_regression_results_get_an_r2_table(tmp_path):
+    runs = {"scratch": [(0.50, 0.9), (0.60, 0.8)], "finetune": [(0.70, 0.6), (0.80, 0.4)]}
+    for strategy, values in runs.items():
+        for seed, (r2, rmse) in enumerate(values):
+            fake_result(tmp_path / f"{strategy}{seed}", strategy, seed, None, metrics={
+                "test/r2": r2, "test/rmse": rmse, "test/mse": rmse ** 2, "test/loss": rmse ** 2},
+                extra={"source": {"test/r2": 0.95, "test/rmse": 0.2}})
+    res = report(tmp_path)
+    assert not res["problems"] and list(res["sections"]) == ["r2"]
+    t = res["table"].set_index("strategy")
+    assert "acc_mean" not in t and "balanced_acc_mean" not in t
+    assert t.loc["finetune", "r2_mean"] == pytest.approx(0.75)
+    assert t.loc["finetune", "r2_std"] == pytest.approx(0.0707107, 1e-5)
+    assert t.loc["scratch", "rmse_mean"] == pytest.approx(0.85)
+    assert t.loc["finetune", "gain_vs_scratch"] == pytest.approx(0.2)
+    assert t.loc["finetune", "source_r2"] == pytest.approx(0.95)
+    assert "| finetune | 10 | 0.7500 ± 0.0707 | 2 | 0,1 | ± 0.6353 | 0.5000 | 0.2000 | 0.9500 |" \
+        in res["markdown"]
+    assert res["markdown"].startswith("| strategy | labels/class | test/r2 mean ± std |")
+    assert {p.name for p in (tmp_path / "report").iterdir()} == {
+        "report.md", "report.csv", "r2_vs_budget.png", "r2_bars_budget_10.png"}
+    assert list(pd.read_csv(tmp_path / "report" / "report.csv")["r2_mean"]) == pytest.approx([0.55, 0.75])
+
+
+def test_a_mixed_directory_gets_one_table_per_metric(tmp_path):
+    fake_result(tmp_path / "c", "scratch", 0, 0.6)
+    fake_result(tmp_path / "r", "scratch", 0, None, metrics={"test/r2": 0.3, "test/rmse": 1.0})
+    res = report(tmp_path, plot=False)
+    assert list(res["sections"]) == ["acc", "r2"] and not res["problems"]
+    assert res["table"]["acc_mean"].tolist() == [0.6]  # the first section is classification
+    assert res["sections"]["r2"]["table"]["r2_mean"].tolist() == [0.3]
+    assert "## Classification: test/acc" in res["markdown"] and "## Regression: test/r2" in res["markdown"]
+    assert pd.read_csv(tmp_path / "report" / "report_r2.csv")["rmse_mean"].tolist() == [1.0]

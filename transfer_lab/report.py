@@ -5,6 +5,20 @@
 the seed: the config-group choices (strategy, models, data, ...) and any resolved config value
 (e.g. ``target.data.samples_per_class``, the label budget). Failed runs (``status != ok``) and job
 directories without a results.json are listed, never dropped silently.
+
+The headline metric is ``metrics["test/acc"]``, or ``metrics["test/r2"]`` (higher is better) for a
+regression run, which has no ``test/acc``: columns ``r2_mean``, ``r2_std``, ``source_r2``, ...,
+plots ``r2_vs_budget.png``, ``r2_bars_budget_<b>.png``. A directory mixing both gets one table per
+metric, classification first; the regression table's files then end in ``_r2``
+(``report_r2.csv``). What newer runs record adds columns and sections only when some result has it:
+``metrics["test/balanced_acc"]`` (``balanced_acc_mean/std``), ``metrics["test/rmse"]``
+(``rmse_mean``), ``transferability.{logme,leep}`` (means ``logme``, ``leep``), and
+``per_class["test/acc"]`` labelled by ``data.target.classes`` (a per-class table, ``per_class.csv``).
+Where ≥ 3 sources with transferability scores share every other key (strategy, budget, target...),
+a "Transferability ranking" section (``ranking.csv``) lists each source's mean LogME, LEEP and
+headline metric, and Kendall's τ of each score against that metric over the sources. A source is
+what varies in ``source.*`` (model, data, classes, epochs, checkpoint), not ``source.key``: that
+hash covers the seed too.
 """
 
 from __future__ import annotations
@@ -18,11 +32,16 @@ from typing import Any
 
 import pandas as pd
 
+from transfer_lab.analysis.ranking import kendall_tau
 from transfer_lab.io import atomic_write_bytes, atomic_write_text
 
 BUDGET = "target.data.samples_per_class"
 # never grouping keys: the seed is what we average over; where sources are kept changes nothing
 IGNORED = {"seed", "store_dir", "data_dir"}
+# headline metrics in table order: the first a run has is its metric
+METRICS = ("acc", "r2")
+# transferability scores of the source on the target, computed before training
+SCORES = ("logme", "leep")
 # two-sided 95% Student t quantiles, df = 1..30 (beyond: the normal 1.96)
 T95 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160,
        2.145, 2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056,
@@ -57,10 +76,10 @@ def collect(root: Path) -> tuple[pd.DataFrame, list[dict]]:
         except (OSError, ValueError) as e:
             problems.append({"path": str(path.parent), "status": "unreadable", "error": str(e)})
             continue
-        acc = (res.get("metrics") or {}).get("test/acc")
-        if res.get("status") != "ok" or acc is None:
+        metric = headline(res.get("metrics") or {})
+        if res.get("status") != "ok" or metric is None:
             problems.append({"path": str(path.parent), "status": res.get("status", "?"),
-                             "error": res.get("error", "no test/acc")})
+                             "error": res.get("error", "no test/acc or test/r2")})
             continue
         rows.append(row_of(res, path.parent))
     for hydra_dir in sorted(root.rglob(".hydra")):
@@ -80,10 +99,20 @@ def row_of(res: dict, path: Path) -> dict[str, Any]:
         row[f"k:{choice_column(group)}"] = "null" if value is None else value
     row["k:strategy"] = res.get("strategy")
     src, timings, params = res.get("source") or {}, res.get("timings") or {}, res.get("params") or {}
-    row.update({"seed": res.get("seed"), "acc": res["metrics"]["test/acc"], "path": str(path),
-                "source_acc": src.get("test/acc"), "trainable": params.get("trainable"),
+    m, metrics = headline(res["metrics"]), res["metrics"]
+    row.update({"seed": res.get("seed"), "metric": m, m: metrics[f"test/{m}"], "path": str(path),
+                f"source_{m}": src.get(f"test/{m}"), "trainable": params.get("trainable"),
                 "total_params": params.get("total"), "time_s": timings.get("total_s")})
+    row.update({c: metrics.get(f"test/{c}") for c in ("balanced_acc", "rmse")})
+    row.update({c: (res.get("transferability") or {}).get(c) for c in SCORES})
+    row["per_class"] = (res.get("per_class") or {}).get("test/acc")
+    row["classes"] = (((res.get("data") or {}).get("target") or {}).get("classes"))
     return row
+
+
+def headline(metrics: dict) -> str | None:
+    """``acc``, or ``r2`` for a regression run (no ``test/acc``); None: the run measured neither."""
+    return next((m for m in METRICS if metrics.get(f"test/{m}") is not None), None)
 
 
 def key_columns(df: pd.DataFrame) -> list[str]:
@@ -115,23 +144,44 @@ def ci95(std: float, n: int) -> float:
     return (T95[n - 2] if n - 1 <= len(T95) else 1.96) * std / math.sqrt(n)
 
 
-def summarise(df: pd.DataFrame) -> tuple[pd.DataFrame, list[str]]:
-    """One row per group: mean/std/n/CI of accuracy, gain over scratch, params, time."""
-    keys = key_columns(df)
+def has(df: pd.DataFrame, col: str) -> bool:
+    """Some run measured ``col`` (results written before it existed leave it empty)."""
+    return col in df and pd.to_numeric(df[col], errors="coerce").notna().any()
+
+
+def mean_std(values: pd.Series) -> tuple[float, float]:
+    v = pd.to_numeric(values, errors="coerce").astype(float)
+    return float(v.mean()), float(v.std(ddof=1)) if v.notna().sum() > 1 else float("nan")
+
+
+def summarise(df: pd.DataFrame, keys: list[str], m: str = "acc") -> pd.DataFrame:
+    """One row per group: mean/std/n/CI of the headline metric ``m``, gain over scratch, params,
+    time; the mean (± std) of balanced accuracy, rmse, LogME, LEEP when some run has them."""
+    optional = [c for c in ("balanced_acc", "rmse", *SCORES) if has(df, c)]
     out = []
     for vals, g in df.groupby(keys, sort=False, dropna=False):
-        acc = g["acc"].astype(float)
-        n, std = len(acc), float(acc.std(ddof=1)) if len(acc) > 1 else float("nan")
-        out.append({**dict(zip(keys, vals)), "n": n, "seeds": ",".join(str(s) for s in sorted(g["seed"])),
-                    "acc_mean": float(acc.mean()), "acc_std": std, "acc_ci95": ci95(std, n),
-                    "source_acc": pd.to_numeric(g["source_acc"], errors="coerce").mean(),
+        mean, std = mean_std(g[m])
+        row = {**dict(zip(keys, vals)), "n": len(g), "seeds": ",".join(str(s) for s in sorted(g["seed"])),
+               f"{m}_mean": mean, f"{m}_std": std, f"{m}_ci95": ci95(std, len(g))}
+        if "balanced_acc" in optional:
+            row["balanced_acc_mean"], row["balanced_acc_std"] = mean_std(g["balanced_acc"])
+        if "rmse" in optional:
+            row["rmse_mean"] = mean_std(g["rmse"])[0]
+        row.update({f"source_{m}": mean_std(g[f"source_{m}"])[0],
                     "trainable": pd.to_numeric(g["trainable"], errors="coerce").max(),
-                    "time_s": pd.to_numeric(g["time_s"], errors="coerce").mean()})
+                    "time_s": mean_std(g["time_s"])[0]})
+        row.update({s: mean_std(g[s])[0] for s in SCORES if s in optional})
+        out.append(row)
     table = pd.DataFrame(out)
-    add_gain(table, keys)
+    add_gain(table, keys, m)
+    return ordered(table, keys)
+
+
+def ordered(table: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
+    """Rows sorted by the non-strategy keys then strategy (stable); ``k:`` prefixes dropped."""
     table = table.sort_values([k for k in keys if k != "k:strategy"] + ["k:strategy"],
                               key=lambda s: s.map(sort_key), kind="stable").reset_index(drop=True)
-    return table.rename(columns={k: k[2:] for k in keys}), [k[2:] for k in keys]
+    return table.rename(columns={k: k[2:] for k in keys})
 
 
 def sort_key(v: Any) -> Any:
@@ -141,7 +191,7 @@ def sort_key(v: Any) -> Any:
     return "1" if v == "scratch" else f"2{v}"
 
 
-def add_gain(table: pd.DataFrame, keys: list[str]) -> None:
+def add_gain(table: pd.DataFrame, keys: list[str], m: str = "acc") -> None:
     """Gain over ``scratch`` with the same non-strategy keys (falling back to the target-side keys:
     scratch ignores source settings). Negative gain = negative transfer."""
     other = [k for k in keys if k != "k:strategy" and not k.startswith("k:strategy.")]
@@ -151,39 +201,140 @@ def add_gain(table: pd.DataFrame, keys: list[str]) -> None:
     for _, r in table.iterrows():
         gain = float("nan")
         for match in (other, target_side):
-            m = scratch
+            s = scratch
             for k in match:
-                m = m[m[k].astype(str) == str(r[k])]
-            if len(m) == 1:
-                gain = r["acc_mean"] - float(m["acc_mean"].iloc[0])
+                s = s[s[k].astype(str) == str(r[k])]
+            if len(s) == 1:
+                gain = r[f"{m}_mean"] - float(s[f"{m}_mean"].iloc[0])
                 break
         gains.append(float("nan") if r["k:strategy"] == "scratch" else gain)
     table["gain_vs_scratch"] = gains
     table["negative_transfer"] = [g < 0 for g in gains]
 
 
+def per_class_table(df: pd.DataFrame, keys: list[str]) -> pd.DataFrame | None:
+    """Group × class: per-class test accuracy (``per_class["test/acc"]``), mean over seeds.
+
+    Columns ``class <label>`` from ``data.target.classes`` when every group has the same classes,
+    else ``class #<i>`` (remapped index) and a ``classes`` column. None: no run recorded it."""
+    runs = df[df["per_class"].map(lambda v: isinstance(v, list))] if "per_class" in df else df.iloc[:0]
+    if runs.empty:
+        return None
+    labels = {json.dumps(c) for c in runs["classes"]}
+    width = max(map(len, runs["per_class"]))
+    shared = json.loads(labels.pop()) if len(labels) == 1 else None
+    named = isinstance(shared, list) and len(shared) == width
+    names = [f"class {c}" for c in shared] if named else [f"class #{i}" for i in range(width)]
+    out = []
+    for vals, g in runs.groupby(keys, sort=False, dropna=False):
+        # ragged vectors pad with NaN; a class absent from a seed's test set (NaN) is skipped
+        means = pd.DataFrame(list(g["per_class"])).astype(float).mean().reindex(range(width))
+        row = {**dict(zip(keys, vals)), "n": len(g)} | ({} if named else {"classes": g["classes"].iloc[0]})
+        out.append(row | dict(zip(names, means)))
+    return ordered(pd.DataFrame(out), keys)
+
+
+def ranking_table(df: pd.DataFrame, keys: list[str], m: str = "acc") -> pd.DataFrame | None:
+    """One row per source with transferability scores (mean LogME, LEEP and metric ``m`` over
+    seeds) within each setting of the non-source keys that has ≥ 3 sources, and Kendall's τ of
+    each score vs ``m`` over them (``tau_logme``, ``tau_leep``). None: no such setting.
+
+    A source is a combination of the varying ``source.*`` keys (model, data, classes, ...)."""
+    # model, then data, then the rest (classes, epochs, ...): how people name a source
+    src = sorted((k for k in keys if k.startswith("k:source.")),
+                 key=lambda k: (not k.startswith("k:source.model"), not k.startswith("k:source.data")))
+    if not src or not any(has(df, s) for s in SCORES):
+        return None
+    ctx = [k for k in keys if k not in src]
+    scores = df[[s for s in SCORES if s in df]].apply(pd.to_numeric, errors="coerce")
+    scored = df[scores.notna().any(axis=1)]
+    rows = []
+    for cvals, g in scored.groupby(ctx, sort=False, dropna=False):
+        sources = [{"source": ", ".join(f"{k[len('k:source.'):]}={v}" for k, v in zip(src, svals)),
+                    "n": len(s), **{c: mean_std(s[c])[0] for c in (*SCORES, m) if c in s}}
+                   for svals, s in g.groupby(src, sort=False, dropna=False)]
+        if len(sources) < 3:
+            continue
+        taus = {f"tau_{s}": tau(sources, s, m) for s in SCORES}
+        rows += [{**dict(zip(ctx, cvals)), **r, "n_sources": len(sources), **taus}
+                 for r in sorted(sources, key=lambda r: -r[m])]
+    return ordered(pd.DataFrame(rows), ctx) if rows else None
+
+
+def tau(rows: list[dict], score: str, m: str) -> float:
+    """Kendall's τ of ``score`` vs ``m`` over the rows having both (NaN below 3 such rows)."""
+    pairs = [(r[score], r[m]) for r in rows if math.isfinite(r.get(score, math.nan) + r[m])]
+    return kendall_tau(*zip(*pairs)) if len(pairs) >= 3 else math.nan
+
+
 def fmt(v: float, digits: int = 4) -> str:
     return "—" if v is None or (isinstance(v, float) and not math.isfinite(v)) else f"{v:.{digits}f}"
 
 
-def markdown(table: pd.DataFrame, keys: list[str], problems: list[dict], metric: str) -> str:
-    names = ["labels/class" if k == BUDGET else k for k in keys]
-    head = [*names, f"{metric} mean ± std", "n", "seeds", "95% CI", "gain vs scratch", "source acc",
-            "trainable params", "time (s)"]
+def pm(mean: float, std: float) -> str:
+    """``mean ± std``; "—" for a group where no run measured it (older results)."""
+    return f"{fmt(mean)} ± {fmt(std)}" if math.isfinite(mean) else "—"
+
+
+def key_cells(r: pd.Series, keys: list[str]) -> list[str]:
+    return ["all" if k == BUDGET and r[k] == "null" else str(r[k]) for k in keys]
+
+
+def key_names(keys: list[str]) -> list[str]:
+    return ["labels/class" if k == BUDGET else k for k in keys]
+
+
+def markdown(table: pd.DataFrame, keys: list[str], m: str = "acc") -> str:
+    """The main table; balanced acc, rmse, LogME and LEEP columns only when ``table`` has them."""
+    bal, rmse = "balanced_acc_mean" in table, "rmse_mean" in table
+    scores = [s for s in SCORES if s in table]
+    head = [*key_names(keys), f"test/{m} mean ± std", "n", "seeds", "95% CI",
+            *["balanced acc mean ± std"] * bal, *["rmse"] * rmse, "gain vs scratch", f"source {m}",
+            "trainable params", "time (s)", *[{"logme": "LogME", "leep": "LEEP"}[s] for s in scores]]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for _, r in table.iterrows():
-        gain = fmt(r["gain_vs_scratch"])
-        if r["negative_transfer"]:
-            gain += " ⚠ negative"
-        values = ["all" if k == BUDGET and r[k] == "null" else str(r[k]) for k in keys]
-        cells = [*values, f"{fmt(r['acc_mean'])} ± {fmt(r['acc_std'])}",
-                 str(r["n"]), str(r["seeds"]), f"± {fmt(r['acc_ci95'])}", gain, fmt(r["source_acc"]),
-                 "—" if pd.isna(r["trainable"]) else f"{int(r['trainable']):,}", fmt(r["time_s"], 1)]
+        gain = fmt(r["gain_vs_scratch"]) + (" ⚠ negative" if r["negative_transfer"] else "")
+        cells = [*key_cells(r, keys), f"{fmt(r[f'{m}_mean'])} ± {fmt(r[f'{m}_std'])}",
+                 str(r["n"]), str(r["seeds"]), f"± {fmt(r[f'{m}_ci95'])}",
+                 *([pm(r["balanced_acc_mean"], r["balanced_acc_std"])] if bal else []),
+                 *([fmt(r["rmse_mean"])] if rmse else []), gain, fmt(r[f"source_{m}"]),
+                 "—" if pd.isna(r["trainable"]) else f"{int(r['trainable']):,}", fmt(r["time_s"], 1),
+                 *[fmt(r[s]) for s in scores]]
         lines.append("| " + " | ".join(cells) + " |")
-    if problems:
-        lines += ["", f"Failed or incomplete cells ({len(problems)}), not in the table:", ""]
-        lines += [f"- `{p['path']}`: {p['status']} ({p['error']})" for p in problems]
     return "\n".join(lines) + "\n"
+
+
+def per_class_markdown(table: pd.DataFrame, keys: list[str]) -> str:
+    classes = [c for c in table.columns if c.startswith("class ")]
+    head = [*key_names(keys), "n", *(["classes"] if "classes" in table else []), *classes]
+    lines = ["## Per-class test accuracy (mean over seeds)", "",
+             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for _, r in table.iterrows():
+        cells = [*key_cells(r, keys), str(r["n"]), *([str(r["classes"])] if "classes" in table else []),
+                 *[fmt(r[c]) for c in classes]]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def ranking_markdown(table: pd.DataFrame, ctx: list[str], m: str = "acc") -> str:
+    lines = [f"## Transferability ranking (test/{m})", "",
+             f"LogME and LEEP of each frozen source on the target training set (before training) vs "
+             f"the test/{m} it then reached, means over seeds; Kendall's τ over the sources (1: a score "
+             f"orders the sources as test/{m} does, −1: reversed)."]
+    for cvals, g in table.groupby(ctx, sort=False, dropna=False):
+        setting = ", ".join(f"{n}={v}" for n, v in zip(key_names(ctx), key_cells(g.iloc[0], ctx)))
+        lines += ["", f"### {setting}: {len(g)} sources", "",
+                  f"| source | n | LogME | LEEP | test/{m} |", "|---|---|---|---|---|"]
+        lines += [f"| {r['source']} | {r['n']} | {fmt(r.get('logme'))} | {fmt(r.get('leep'))} | "
+                  f"{fmt(r[m])} |" for _, r in g.iterrows()]
+        lines += ["", f"Kendall's τ(LogME, test/{m}) = {fmt(g['tau_logme'].iloc[0], 2)}; "
+                      f"τ(LEEP, test/{m}) = {fmt(g['tau_leep'].iloc[0], 2)} over {len(g)} sources."]
+    return "\n".join(lines) + "\n"
+
+
+def problems_markdown(problems: list[dict]) -> str:
+    lines = [f"Failed or incomplete cells ({len(problems)}), not in the table:", ""]
+    return "\n".join(lines + [f"- `{p['path']}`: {p['status']} ({p['error']})" for p in problems]) + "\n"
 
 
 def series_label(r: pd.Series, keys: list[str]) -> str:
@@ -191,8 +342,8 @@ def series_label(r: pd.Series, keys: list[str]) -> str:
     return ", ".join(parts)
 
 
-def plots(table: pd.DataFrame, keys: list[str], out: Path, metric: str) -> list[Path]:
-    """Accuracy vs label budget (one line per strategy/setting, std error bars) and one bar
+def plots(table: pd.DataFrame, keys: list[str], out: Path, m: str = "acc") -> list[Path]:
+    """``test/<m>`` vs label budget (one line per strategy/setting, std error bars) and one bar
     chart per budget. Returns the files written."""
     import matplotlib
     import matplotlib.ticker
@@ -212,24 +363,25 @@ def plots(table: pd.DataFrame, keys: list[str], out: Path, metric: str) -> list[
             x = pd.Series(range(len(s)), index=s.index)
         order = x.sort_values().index
         base = dict(color="black", linestyle="--") if (s["strategy"] == "scratch").all() else {}
-        ax.errorbar(x[order], s.loc[order, "acc_mean"], yerr=s.loc[order, "acc_std"].fillna(0),
+        ax.errorbar(x[order], s.loc[order, f"{m}_mean"], yerr=s.loc[order, f"{m}_std"].fillna(0),
                     marker="o", capsize=3, label=name, **base)
     if numeric.notna().all() and numeric.nunique() > 1 and (numeric > 0).all():
         ax.set_xscale("log")
         ax.set_xticks(sorted(numeric.unique()), [str(int(b)) for b in sorted(numeric.unique())])
         ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
-    ax.set(xlabel="labels per class (target.data.samples_per_class)", ylabel=f"{metric} (mean ± std)")
+    ax.set(xlabel="labels per class (target.data.samples_per_class)", ylabel=f"test/{m} (mean ± std)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
-    written.append(save_fig(fig, out / "acc_vs_budget.png"))
+    written.append(save_fig(fig, out / f"{m}_vs_budget.png"))
     for b, s in t.groupby(t["budget"].astype(str), sort=False):
         fig, ax = plt.subplots(figsize=(max(4.0, 0.6 * len(s) + 2), 3.6))
-        ax.bar(range(len(s)), s["acc_mean"], yerr=s["acc_std"].fillna(0), capsize=3,
+        ax.bar(range(len(s)), s[f"{m}_mean"], yerr=s[f"{m}_std"].fillna(0), capsize=3,
                color=["tab:gray" if st == "scratch" else "tab:red" if neg else "tab:blue"
                       for st, neg in zip(s["strategy"], s["negative_transfer"])])
         ax.set_xticks(range(len(s)), s["series"], rotation=30, ha="right", fontsize=7)
-        ax.set(ylabel=f"{metric} (mean ± std)", title=f"budget {b} labels/class (grey: scratch, red: below it)")
-        written.append(save_fig(fig, out / f"bars_budget_{b}.png"))
+        ax.set(ylabel=f"test/{m} (mean ± std)",
+               title=f"budget {b} labels/class (grey: scratch, red: below it)")
+        written.append(save_fig(fig, out / f"{'' if m == 'acc' else m + '_'}bars_budget_{b}.png"))
     return written
 
 
@@ -247,26 +399,54 @@ def save_fig(fig: Any, path: Path) -> Path:
 
 
 def report(root: str | Path, out: str | Path | None = None, plot: bool = True) -> dict[str, Any]:
-    """Read every results.json below ``root``; write report.md, report.csv and plots into ``out``
-    (default ``<root>/report``). Returns ``{"table", "keys", "problems", "markdown", "files"}``."""
+    """Read every results.json below ``root``; write report.md, report.csv (per_class.csv,
+    ranking.csv) and plots into ``out`` (default ``<root>/report``).
+
+    Returns ``{"table", "keys", "per_class", "ranking", "sections", "problems", "markdown",
+    "files"}``: the first four for the first headline metric, ``sections[m]`` the same four per
+    metric (``acc``, ``r2``) present."""
     root = Path(root)
     if not root.is_dir():
         raise SystemExit(f"error: {root}: no such directory")
     out = Path(out) if out else root / "report"
     df, problems = collect(root)
-    metric = "test/acc"
+    tail = [problems_markdown(problems)] if problems else []
     if df.empty:
-        md = markdown(pd.DataFrame(columns=["negative_transfer"]), [], problems, metric)
+        md = "\n".join([markdown(pd.DataFrame(columns=["negative_transfer"]), []), *tail])
         atomic_write_text(out / "report.md", f"No finished runs under {root}.\n\n{md}")
-        return {"table": df, "keys": [], "problems": problems, "markdown": md, "files": []}
-    table, keys = summarise(df)
-    md = markdown(table, keys, problems, metric)
-    atomic_write_text(out / "report.md", f"# Report: {root}\n\n{md}")
-    atomic_write_text(out / "report.csv", table.to_csv(index=False))
-    files = [out / "report.md", out / "report.csv"]
-    if plot:
-        files += plots(table, keys, out, metric)
-    return {"table": table, "keys": keys, "problems": problems, "markdown": md, "files": files}
+        return {"table": df, "keys": [], "per_class": None, "ranking": None, "sections": {},
+                "problems": problems, "markdown": md, "files": []}
+    present = [m for m in METRICS if (df["metric"] == m).any()]
+    parts, files, sections = [], [], {}
+    for i, m in enumerate(present):
+        sub = df[df["metric"] == m].copy()
+        keys = key_columns(sub)
+        table, per_class = summarise(sub, keys, m), per_class_table(sub, keys)
+        ranking = ranking_table(sub, keys, m)
+        names = [k[2:] for k in keys]
+        sections[m] = {"table": table, "keys": names, "per_class": per_class, "ranking": ranking}
+        suffix = "" if i == 0 else f"_{m}"
+        if len(present) > 1:
+            parts.append(f"## {'Classification' if m == 'acc' else 'Regression'}: test/{m}\n")
+        parts.append(markdown(table, names, m))
+        files.append(atomic_path(out / f"report{suffix}.csv", table.to_csv(index=False)))
+        if per_class is not None:
+            parts.append(per_class_markdown(per_class, names))
+            files.append(atomic_path(out / f"per_class{suffix}.csv", per_class.to_csv(index=False)))
+        if ranking is not None:
+            parts.append(ranking_markdown(ranking, [n for n in names if n in ranking.columns], m))
+            files.append(atomic_path(out / f"ranking{suffix}.csv", ranking.to_csv(index=False)))
+        if plot:
+            files += plots(table, names, out, m)
+    md = "\n".join(parts + tail)
+    files.insert(0, atomic_path(out / "report.md", f"# Report: {root}\n\n{md}"))
+    return {**sections[present[0]], "sections": sections, "problems": problems, "markdown": md,
+            "files": files}
+
+
+def atomic_path(path: Path, text: str) -> Path:
+    atomic_write_text(path, text)
+    return path
 
 
 def main(argv: list[str] | None = None) -> None:
