@@ -40,8 +40,10 @@ def test_regression_run_reports_mse_rmse_r2_that_match_its_saved_model(tables, t
     # recompute from the saved weights, independently of the module's torchmetrics
     loaded = load_run(tmp_path / "run", tmp_path / "store")
     dm = loaded.target_dm
+    mean, std = dm.target_norm  # the model predicts the standardised target
+    assert mean == pytest.approx(float(dm.y_train.mean()), rel=1e-5) and std > 0
     with torch.no_grad():
-        pred = loaded.target(dm.transform(dm.x_test, train=False)).squeeze(-1)
+        pred = loaded.target(dm.transform(dm.x_test, train=False)).squeeze(-1) * std + mean
     mse = float(((pred - dm.y_test) ** 2).mean())
     r2 = 1 - mse / float(((dm.y_test - dm.y_test.mean()) ** 2).mean())
     assert m["test/mse"] == pytest.approx(mse, rel=1e-4)
@@ -60,3 +62,21 @@ def test_a_related_source_helps_a_small_regression_target(tables, tmp_path):
     r2 = {s: run(regression_cfg(tables, tmp_path / "store", f"strategy={s}"), tmp_path / s)["metrics"]["test/r2"]
           for s in ("scratch", "finetune")}
     assert r2["finetune"] > r2["scratch"]
+
+
+def test_embedded_boston_table_splits_into_two_domains_by_a_column():
+    from transfer_lab.data import ConfigError
+    from transfer_lab.data.tables import TableData
+
+    kw = dict(train_file="embedded:boston_housing", target="MEDV", test_fraction=0.4, val_fraction=0.0)
+    low = TableData(where=["LSTAT", "<=", 11.36], **kw).prepare()
+    high = TableData(where=["LSTAT", ">", 11.36], **kw).prepare()
+    assert len(low.y_train) + len(low.y_test) + len(high.y_train) + len(high.y_test) == 506
+    lstat = low.feature_names.index("LSTAT")
+    raw = lambda dm, x: (x.reshape(len(x), -1)[:, lstat])  # noqa: E731 — stored unstandardised
+    assert float(raw(low, low.x_train).max()) <= 11.36 < float(raw(high, high.x_test).min())
+    assert high.target_norm[0] < low.target_norm[0]  # poorer tracts: cheaper homes
+    with pytest.raises(ConfigError, match=r"where=\['LSTAT', '<<', 1\]"):
+        TableData(where=["LSTAT", "<<", 1], **kw).prepare()
+    with pytest.raises(ConfigError, match="no row"):
+        TableData(where=["LSTAT", ">", 1000], **kw).prepare()

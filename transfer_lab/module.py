@@ -36,17 +36,21 @@ class TransferModule(L.LightningModule):
         scheduler: ``cosine`` or ``none``.
         task: ``classification`` (cross-entropy; accuracy, balanced and per-class accuracy) or
             ``regression`` (MSE on one output; ``mse``, ``rmse``, ``r2``), as the data module says.
+        target_norm: regression only: ``(mean, std)`` — the model predicts ``(y − mean) / std``;
+            the loss is taken there, metrics in the target's own units.
     """
 
     def __init__(self, model: nn.Module, strategy: Strategy, optimizer: Callable[..., torch.optim.Optimizer],
                  lr: float, num_classes: int, class_weights: torch.Tensor | None = None,
-                 scheduler: str = "none", task: str = "classification") -> None:
+                 scheduler: str = "none", task: str = "classification",
+                 target_norm: tuple[float, float] | None = None) -> None:
         super().__init__()
         if task not in TASKS:
             raise ValueError(f"task={task!r}: valid: {', '.join(TASKS)}")
         self.save_hyperparameters(ignore=["model", "strategy", "optimizer", "class_weights"])
         self.model, self.strategy, self.optimizer_factory = model, strategy, optimizer
         self.task = task
+        self.target_norm = tuple(float(v) for v in target_norm) if target_norm else (0.0, 1.0)
         self.register_buffer("class_weights", class_weights, persistent=False)
         if task == "regression":
             self.train_mse = torchmetrics.MeanSquaredError()
@@ -66,14 +70,21 @@ class TransferModule(L.LightningModule):
         self._loss_count = 0
 
     def task_loss(self, outputs: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """The supervised loss of the task: (class-weighted) cross-entropy, or MSE for regression."""
+        """The supervised loss of the task: (class-weighted) cross-entropy, or MSE for regression
+        (on the standardised target)."""
         if self.task == "regression":
-            return F.mse_loss(outputs.squeeze(-1), y)
+            mean, std = self.target_norm
+            return F.mse_loss(outputs.squeeze(-1), (y - mean) / std)
         return F.cross_entropy(outputs, y, weight=self.class_weights)
+
+    def predict_value(self, outputs: torch.Tensor) -> torch.Tensor:
+        """Regression: the model's output in the target's units."""
+        mean, std = self.target_norm
+        return outputs.squeeze(-1) * std + mean
 
     def update_train_metric(self, outputs: torch.Tensor, y: torch.Tensor) -> None:
         if self.task == "regression":
-            self.train_mse.update(outputs.detach().squeeze(-1), y)
+            self.train_mse.update(self.predict_value(outputs.detach()), y)
         else:
             self.train_acc.update(outputs.detach(), y)
 
@@ -130,7 +141,7 @@ class TransferModule(L.LightningModule):
         x, y = batch
         out = self(x)
         if self.task == "regression":
-            pred = out.squeeze(-1)
+            pred = self.predict_value(out)
             mse, r2 = getattr(self, f"{stage}_mse"), getattr(self, f"{stage}_r2")
             mse.update(pred, y)
             r2.update(pred, y)

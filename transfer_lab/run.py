@@ -80,7 +80,7 @@ def run(cfg: DictConfig, out_dir: str | Path, choices: dict[str, Any] | None = N
     module = TransferModule(model, strategy, instantiate(cfg.target.optimizer, _partial_=True),
                             lr=float(cfg.target.optimizer.lr), num_classes=target_dm.num_classes,
                             class_weights=target_dm.class_weights, scheduler=cfg.target.scheduler,
-                            task=task_of(target_dm))
+                            task=task_of(target_dm), target_norm=getattr(target_dm, "target_norm", None))
     results["data"] = {"target": {**target_dm.summary(),
                                   "samples_per_class": cfg.target.data.get("samples_per_class")}}
     results["params"] = {"total": sum(p.numel() for p in model.parameters()),
@@ -258,7 +258,7 @@ def source_stage(cfg: DictConfig, strategy: Strategy, dm: TransferDataModule | N
         model = build_model(cfg.source.model, dm)
         module = TransferModule(model, Scratch(), instantiate(cfg.source.optimizer, _partial_=True),
                                 lr=float(cfg.source.optimizer.lr), num_classes=dm.num_classes,
-                                task=task_of(dm))
+                                task=task_of(dm), target_norm=getattr(dm, "target_norm", None))
         trainer = make_trainer(cfg, "source", Path(cfg.store_dir) / ".logs" / key, [], devices)
         trainer.fit(module, datamodule=dm)
         tested = trainer.test(module, datamodule=dm, verbose=False)[0]

@@ -22,14 +22,39 @@ import torch
 from transfer_lab.data.datamodule import ConfigError, TransferDataModule
 
 
+BOSTON_COLUMNS = ["CRIM", "ZN", "INDUS", "CHAS", "NOX", "RM", "AGE", "DIS", "RAD", "TAX", "PTRATIO",
+                  "B", "LSTAT"]
+OPS = {"<": np.less, "<=": np.less_equal, ">": np.greater, ">=": np.greater_equal, "==": np.equal,
+       "!=": np.not_equal}
+
+
+def embedded_table(name: str, key: str) -> tuple[dict[str, np.ndarray], str]:
+    """Real tables that ship inside installed packages (no network): ``embedded:boston_housing`` —
+    the 506 Boston census tracts of Harrison & Rubinfeld (1978) from ``mlxtend``, 13 features,
+    target ``MEDV`` (median home value, $1000s)."""
+    if name != "boston_housing":
+        raise ConfigError(f"{key}=embedded:{name}: unknown embedded table; valid: embedded:boston_housing")
+    from mlxtend.data import boston_housing_data
+
+    x, y = boston_housing_data()
+    return {**{c: x[:, i].astype(np.float64) for i, c in enumerate(BOSTON_COLUMNS)},
+            "MEDV": y.astype(np.float64)}, "MEDV"
+
+
 def read_table(path: str | Path, target: str, features: Sequence[str] | None,
-               key: str) -> tuple[np.ndarray, np.ndarray, list[str]]:
-    """``(x float64 N×D, y float64 N, feature names)`` from a headed CSV or an npz (x, y)."""
+               key: str, where: Sequence | None = None) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """``(x float64 N×D, y float64 N, feature names)`` from a headed CSV, an npz (x, y) or an
+    embedded table (``embedded:<name>``); ``where=[column, op, value]`` keeps matching rows."""
+    if str(path).startswith("embedded:"):
+        cols, default_target = embedded_table(str(path).split(":", 1)[1], key)
+        return _columns(cols, target if target != "y" else default_target, features, key, where, str(path))
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"{key}={path}: no such file (a CSV with a header row, or an npz "
                           "with arrays x float N×D and y float N)")
     if p.suffix == ".npz":
+        if where is not None:
+            raise ConfigError(f"{key}={path}: where= needs named columns (a CSV or an embedded table)")
         with np.load(p, allow_pickle=False) as z:
             if not {"x", "y"} <= set(z.files):
                 raise ConfigError(f"{key}={path}: an npz table needs arrays x and y")
@@ -40,19 +65,31 @@ def read_table(path: str | Path, target: str, features: Sequence[str] | None,
         rows = list(csv.DictReader(f))
     if not rows:
         raise ConfigError(f"{key}={path}: empty table")
-    cols = list(rows[0])
+    try:
+        cols = {c: np.array([float(r[c]) for r in rows]) for c in rows[0]}
+    except ValueError as e:
+        raise ConfigError(f"{key}={path}: non-numeric value ({e})") from None
+    return _columns(cols, target, features, key, where, str(path))
+
+
+def _columns(cols: dict[str, np.ndarray], target: str, features: Sequence[str] | None, key: str,
+             where: Sequence | None, path: str) -> tuple[np.ndarray, np.ndarray, list[str]]:
     if target not in cols:
         raise ConfigError(f"{key}: target column {target!r} not in {path} (columns: {', '.join(cols)})")
     names = list(features) if features else [c for c in cols if c != target]
     missing = [c for c in names if c not in cols]
     if missing:
         raise ConfigError(f"{key}: feature column(s) {missing} not in {path}")
-    try:
-        x = np.array([[float(r[c]) for c in names] for r in rows])
-        y = np.array([float(r[target]) for r in rows])
-    except ValueError as e:
-        raise ConfigError(f"{key}={path}: non-numeric value ({e})") from None
-    return x, y, names
+    mask = np.ones(len(cols[target]), dtype=bool)
+    if where is not None:
+        if len(where) != 3 or where[0] not in cols or where[1] not in OPS:
+            raise ConfigError(f"{key.rsplit('.', 1)[0]}.where={list(where)}: expected [column, op, value] "
+                              f"with op one of {', '.join(OPS)} and a column of {path}")
+        mask = OPS[where[1]](cols[where[0]], float(where[2]))
+        if not mask.any():
+            raise ConfigError(f"{key.rsplit('.', 1)[0]}.where={list(where)}: no row of {path} matches")
+    x = np.stack([cols[c][mask] for c in names], axis=1)
+    return x, cols[target][mask], names
 
 
 class TableData(TransferDataModule):
@@ -65,7 +102,13 @@ class TableData(TransferDataModule):
         features: feature columns (None: every other column).
         test_fraction: share of rows held out for testing when there is no ``test_file``.
         n_train: label budget, training rows drawn seeded (None: all).
+        where: keep only rows with ``[column, op, value]`` (op ``<``, ``<=``, ``>``, ``>=``, ``==``,
+            ``!=``), applied to both files — one table split into two domains.
         log_target: model ``log1p(y)`` (prices, salaries: errors become relative).
+        standardize_target: the model predicts ``(y − mean) / std`` of the training rows
+            (``target_norm``); metrics are still computed in the target's units. Without it a
+            small MLP spends its first hundreds of steps learning the offset and fits far worse
+            (Boston MEDV: test R² −0.2 vs 0.8 for the same 64-64 MLP).
         val_fraction, batch_size, eval_batch_size, seed, key: as for every data module.
     """
 
@@ -74,20 +117,26 @@ class TableData(TransferDataModule):
 
     def __init__(self, train_file: str, test_file: str | None = None, target: str = "y",
                  features: Sequence[str] | None = None, test_fraction: float = 0.2,
-                 n_train: int | None = None, log_target: bool = False, **kwargs) -> None:
+                 n_train: int | None = None, log_target: bool = False, where: Sequence | None = None,
+                 standardize_target: bool = True, **kwargs) -> None:
         super().__init__(**kwargs)
         self.train_file, self.test_file, self.target = train_file, test_file, target
         self.features, self.test_fraction = features, test_fraction
         self.n_train, self.log_target = n_train, log_target
+        self.where = list(where) if where is not None else None
+        self.standardize_target = standardize_target
+        self.target_norm: tuple[float, float] = (0.0, 1.0)
 
     def prepare(self) -> TableData:
         if self._ready:
             return self
         key = self.key
-        x, y, self.feature_names = read_table(self.train_file, self.target, self.features, f"{key}.train_file")
+        x, y, self.feature_names = read_table(self.train_file, self.target, self.features,
+                                              f"{key}.train_file", self.where)
         rng = np.random.default_rng(self.seed)
         if self.test_file:
-            xte, yte, _ = read_table(self.test_file, self.target, self.feature_names, f"{key}.test_file")
+            xte, yte, _ = read_table(self.test_file, self.target, self.feature_names, f"{key}.test_file",
+                                     self.where)
         else:
             perm = np.random.default_rng(0).permutation(len(y))  # a fixed split, like a dataset's
             n_test = int(round(self.test_fraction * len(y)))
@@ -103,9 +152,11 @@ class TableData(TransferDataModule):
             if (y < 0).any() or (yte < 0).any():
                 raise ConfigError(f"{key}.log_target=true: the target has negative values")
             y, yte = np.log1p(y), np.log1p(yte)
+        if self.standardize_target:
+            self.target_norm = (float(y[train].mean()), float(max(y[train].std(), 1e-6)))
         self.mean = torch.as_tensor(x[train].mean(0), dtype=torch.float32)
         self.std = torch.as_tensor(x[train].std(0), dtype=torch.float32).clamp_min(1e-6)
-        as_x = lambda a: torch.as_tensor(a, dtype=torch.float32).reshape(len(a), -1, 1, 1)  # noqa: E731
+        as_x = lambda a: torch.as_tensor(a, dtype=torch.float32).reshape(len(a), x.shape[1], 1, 1)  # noqa: E731
         as_y = lambda a: torch.as_tensor(a, dtype=torch.float32)  # noqa: E731
         self.x_train, self.y_train = as_x(x[train]), as_y(y[train])
         self.x_val, self.y_val = as_x(x[val]), as_y(y[val])
