@@ -231,14 +231,18 @@ def test_table_data_standardises_with_training_rows_and_feeds_an_mlp(tmp_path):
     dm = TableData(train_file=str(path), target="y", n_train=50, seed=3, val_fraction=0.1).prepare()
     assert dm.input_shape == (6, 1, 1) and dm.num_classes == 1
     assert (len(dm.y_train), len(dm.y_val), len(dm.y_test)) == (50, 16, 40)
-    x = dm.transform(dm.x_train, train=True)
+    # feature statistics come from every training-side row, whatever the budget (a constant
+    # feature among 50 rows must not be divided by ~0), never from the test rows
+    full = TableData(train_file=str(path), target="y", seed=3, val_fraction=0.0).prepare()
+    assert torch.equal(dm.mean, full.mean) and torch.equal(dm.std, full.std)
+    x = full.transform(full.x_train, train=True)
     assert torch.allclose(x.mean(0).flatten(), torch.zeros(6), atol=1e-5)
     assert torch.allclose(x.std(0, unbiased=False).flatten(), torch.ones(6), atol=1e-4)
     again = TableData(train_file=str(path), n_train=50, seed=3).prepare()
     assert torch.equal(again.x_train, dm.x_train)  # seeded draw
     assert torch.equal(TableData(train_file=str(path), seed=9).prepare().x_test, dm.x_test)  # fixed split
     model = mlp(in_channels=6, image_size=1, num_classes=1, hidden=[16])
-    assert model(x).shape == (50, 1)
+    assert model(dm.transform(dm.x_train, train=True)).shape == (50, 1)
 
 
 def test_table_data_errors_name_the_column(tmp_path):

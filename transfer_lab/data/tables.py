@@ -3,7 +3,7 @@
 A table is N rows of D numeric features and one numeric target. Rows are held as float32
 ``(N, D, 1, 1)`` tensors, so the ``mlp`` backbone (which flattens ``C·H·W``) takes them with
 ``in_channels = D`` and ``image_size = 1``; ``num_classes`` is the number of outputs (1).
-Features are standardised with training-row statistics; the target is kept in its own units
+Features are standardised with the statistics of all training-side rows (not the test rows); the target is kept in its own units
 (optionally ``log1p``-transformed) so RMSE reads in those units.
 
 This is the data half of the regression task type; the loss/metric half (MSE, R², RMSE) lives in
@@ -154,8 +154,13 @@ class TableData(TransferDataModule):
             y, yte = np.log1p(y), np.log1p(yte)
         if self.standardize_target:
             self.target_norm = (float(y[train].mean()), float(max(y[train].std(), 1e-6)))
-        self.mean = torch.as_tensor(x[train].mean(0), dtype=torch.float32)
-        self.std = torch.as_tensor(x[train].std(0), dtype=torch.float32).clamp_min(1e-6)
+        # feature statistics from every training-side row (labels are not needed for them, as the
+        # image modules take channel statistics from the unlabelled pool): with a budget of 20
+        # rows a rare binary feature can be constant, and its std would blow test rows up
+        pool = x[perm]
+        std = pool.std(0)
+        self.mean = torch.as_tensor(pool.mean(0), dtype=torch.float32)
+        self.std = torch.as_tensor(np.where(std > 1e-8, std, 1.0), dtype=torch.float32)
         as_x = lambda a: torch.as_tensor(a, dtype=torch.float32).reshape(len(a), x.shape[1], 1, 1)  # noqa: E731
         as_y = lambda a: torch.as_tensor(a, dtype=torch.float32)  # noqa: E731
         self.x_train, self.y_train = as_x(x[train]), as_y(y[train])
