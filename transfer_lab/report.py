@@ -381,7 +381,8 @@ def plots(table: pd.DataFrame, keys: list[str], out: Path, m: str = "acc") -> li
         ax.set_xticks(range(len(s)), s["series"], rotation=30, ha="right", fontsize=7)
         ax.set(ylabel=f"test/{m} (mean ± std)",
                title=f"budget {b} labels/class (grey: scratch, red: below it)")
-        written.append(save_fig(fig, out / f"{'' if m == 'acc' else m + '_'}bars_budget_{b}.png"))
+        name = b if b not in ("—", "null") else "all"  # no budget key / all labels: a plain file name
+        written.append(save_fig(fig, out / f"{'' if m == 'acc' else m + '_'}bars_budget_{name}.png"))
     return written
 
 
