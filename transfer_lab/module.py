@@ -110,7 +110,10 @@ class TransferModule(L.LightningModule):
         loss = self.strategy.training_loss(self, batch)
         # The epoch-mean loss is summed on the device and logged once per epoch: no host sync
         # per step, and none of ``self.log``'s per-call bookkeeping (~1% of a small CNN's step).
-        n = extract_batch_size(batch)
+        # the first element is the target batch (multitask/dann also carry a source batch of
+        # another size, which would make Lightning's guess over the whole batch ambiguous)
+        first = batch[0] if isinstance(batch, (tuple, list)) else batch
+        n = len(first) if isinstance(first, torch.Tensor) else extract_batch_size(first)
         self._loss_sum += loss.detach().float() * n
         self._loss_count += n
         return loss
