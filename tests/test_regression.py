@@ -80,3 +80,19 @@ def test_embedded_boston_table_splits_into_two_domains_by_a_column():
         TableData(where=["LSTAT", "<<", 1], **kw).prepare()
     with pytest.raises(ConfigError, match="no row"):
         TableData(where=["LSTAT", ">", 1000], **kw).prepare()
+
+
+@pytest.mark.parametrize("overrides, expect", [
+    (["strategy=distill"], "handles classification tasks, but target.data is a regression task"),
+    (["strategy=multitask"], "handles classification tasks"),
+    (["strategy=finetune", "target.data.n_train=0"], "target.data.n_train=0: must be ≥ 1"),
+    (["strategy=finetune", "target.data.where=[x0,'<',abc]"], "target.data.where=['x0', '<', 'abc']: the value must be a number"),
+    (["strategy=scratch", "target.data.val_fraction=0.004"], "target.data.val_fraction=0.004: leaves 1 row"),
+])
+def test_regression_config_errors_come_before_training(tables, tmp_path, overrides, expect):
+    from transfer_lab.data import ConfigError
+
+    with pytest.raises(ConfigError) as e:
+        run(regression_cfg(tables, tmp_path / "store", *overrides), tmp_path / "run")
+    assert expect in str(e.value) and "\n" not in str(e.value)
+    assert not (tmp_path / "store").exists() or not any((tmp_path / "store").glob("*/manifest.json"))

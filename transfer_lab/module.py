@@ -148,7 +148,8 @@ class TransferModule(L.LightningModule):
             mse, r2 = getattr(self, f"{stage}_mse"), getattr(self, f"{stage}_r2")
             mse.update(pred, y)
             r2.update(pred, y)
-            self.log(f"{stage}/loss", F.mse_loss(pred, y), on_epoch=True, batch_size=len(y))
+            # the loss on the standardised target, as in training; mse/rmse/r2 in the target's units
+            self.log(f"{stage}/loss", self.task_loss(out, y), on_epoch=True, batch_size=len(y))
             self.log(f"{stage}/mse", mse, on_epoch=True)
             self.log(f"{stage}/r2", r2, on_epoch=True)
             return

@@ -198,6 +198,11 @@ def prepare(cfg: DictConfig) -> tuple[Strategy, TransferDataModule | None, Trans
     target_dm = make_datamodule(cfg.target.data, cfg.seed, "target.data",
                                 default_shape=source_dm.input_shape if source_dm else None)
     target_dm.prepare()
+    for key, dm in (("target.data", target_dm), ("source.data", source_dm)):
+        if dm is not None and task_of(dm) not in strategy.tasks:
+            raise ConfigError(f"strategy._target_={cfg.strategy._target_}: handles {', '.join(strategy.tasks)} "
+                              f"tasks, but {key} is a {task_of(dm)} task (regression: scratch, finetune, "
+                              "linear_probe, partial, l2sp)")
     tgt_model_cfg = cfg.target.get("model") or cfg.source.model
     source = build_model(cfg.source.model, source_dm) if source_dm is not None else None
     preflight_build(strategy, source, build_model(tgt_model_cfg, target_dm))

@@ -117,7 +117,7 @@ def check_choices(args: list[str], conf_dir: str | Path = CONF_DIR) -> None:
             continue
         valid = sorted(p.relative_to(conf / group).with_suffix("").as_posix()
                        for p in (conf / group).rglob("*.yaml"))
-        for option in (v.strip() for v in value.split(",")):
+        for option in (v.strip().strip("'\"") for v in value.split(",")):
             if option not in ("null", "") and option not in valid:
                 raise ConfigError(f"{key}={option}: unknown option (Could not find '{group}/{option}'); "
                                   f"valid: {', '.join(valid)}")
@@ -125,10 +125,16 @@ def check_choices(args: list[str], conf_dir: str | Path = CONF_DIR) -> None:
 
 def check_overrides(args: list[str], conf_dir: str | Path = CONF_DIR) -> None:
     """Compose a single run's config once before Hydra does, so a composition error (a key not in
-    the config, a bad value syntax) is one line; sweeps (``-m``) get the group check only."""
+    the config, a bad value syntax) is one line; sweeps get the group check only. Command lines
+    that change where configs come from (``-cd``, ``hydra.searchpath``) or Hydra's own handling
+    (``--cfg``, ``--help``, ...) are left to Hydra entirely."""
+    if any(a.startswith(("-cd", "--config-dir", "-cp", "--config-path")) or
+           a.lstrip("+~").startswith("hydra.searchpath") for a in args):
+        return
     check_choices(args, conf_dir)
-    if any(a in ("-m", "--multirun") or a.startswith("-") for a in args):
-        return  # sweeps, --cfg, --help, ...: Hydra's own handling
+    sweep = any(a in ("-m", "--multirun") or a.replace(" ", "") == "hydra.mode=MULTIRUN" for a in args)
+    if sweep or any(a.startswith("-") for a in args):
+        return
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 

@@ -183,6 +183,11 @@ def test_command_line_errors_are_one_line(args, expect):
     ["strategy=lora", "model@target.model=convnet", "seed=3", "hydra.run.dir=x"],
     ["-m", "strategy=scratch,finetune", "seed=0,1", "hydra/launcher=parallel"],
     ["-m", "experiment=quickstart", "strategy=glob(*)"],
+    ["strategy='finetune'", 'model@target.model="convnet"'],
+    ["hydra.mode=MULTIRUN", "seed=0,1", "strategy=scratch,finetune"],
+    ["-cd", "/elsewhere", "experiment=mine"],
+    ["hydra.searchpath=[file:///elsewhere]", "experiment=mine"],
+    ["seed=range(3)", "-m", "~logger", "target.model=null"],
 ])
 def test_command_line_check_accepts_valid_commands(args):
     from transfer_lab.train import check_overrides

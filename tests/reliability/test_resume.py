@@ -88,3 +88,32 @@ def test_damaged_checkpoint_is_dropped_and_the_run_starts_over(tmp_path):
     res = run(cfg, out)
     assert res["status"] == "ok" and res["target_training"]["resumed_after_epoch"] is None
     assert res["target_training"]["epochs"] == 2
+
+
+@pytest.mark.parametrize("kind", ["multitask", "dann"])
+def test_paired_loaders_resume_at_the_uninterrupted_batches(kind):
+    """A resumed multitask/dann run rebuilds its loader and calls set_epoch(e): epoch e must hold
+    the batches an uninterrupted run sees in epoch e (source and target cycles included)."""
+    import torch
+
+    from transfer_lab.data.loader import BatchLoader
+    from transfer_lab.strategies.dann import _Paired
+    from transfer_lab.strategies.multitask import JointLoader
+
+    def make():
+        a = BatchLoader(torch.arange(70), torch.arange(70), 16, shuffle=True, seed=1)  # 5 batches
+        b = BatchLoader(torch.arange(30) + 100, torch.arange(30), 16, shuffle=True, seed=2)  # 2
+        return JointLoader(a, b) if kind == "multitask" else _Paired(a, b)
+
+    def flat(batch):
+        return torch.cat([t.flatten() for t in torch.utils._pytree.tree_leaves(batch)]).tolist()
+
+    straight, epochs = make(), []
+    for e in range(4):
+        straight.set_epoch(e)  # what TransferModule.on_train_epoch_start does every epoch
+        epochs.append([flat(b) for b in straight])
+    assert epochs[0] != epochs[1]  # reshuffled each epoch
+    for e in range(1, 4):
+        resumed = make()
+        resumed.set_epoch(e)
+        assert [flat(b) for b in resumed] == epochs[e]

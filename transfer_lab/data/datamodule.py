@@ -65,6 +65,7 @@ class TransferDataModule(L.LightningDataModule):
         self.loader, self.num_workers = loader, num_workers
         self._ready = False
         self._stats: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._minority: torch.Tensor | None = None
 
     # --- override -------------------------------------------------------------------------
     def load_arrays(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
@@ -236,7 +237,9 @@ class TransferDataModule(L.LightningDataModule):
             flip = self.augment == "crop_flip" and self.allows_hflip()
             x = random_crop(x, padding=max(1, x.shape[-1] // 8), flip=flip)
         elif train and self.imbalance_remedy == "augment" and y is not None:
-            minority = torch.as_tensor(self.train_counts < self.train_counts.max(), device=x.device)
+            if self._minority is None or self._minority.device != x.device:  # copied once per device
+                self._minority = torch.as_tensor(self.train_counts < self.train_counts.max(), device=x.device)
+            minority = self._minority
             cropped = random_crop(x, padding=max(1, x.shape[-1] // 8), flip=self.allows_hflip())
             x = torch.where(minority[y].view(-1, 1, 1, 1), cropped, x)  # no host sync
         if self._stats is None or self._stats[0].device != x.device:

@@ -85,7 +85,11 @@ def _columns(cols: dict[str, np.ndarray], target: str, features: Sequence[str] |
         if len(where) != 3 or where[0] not in cols or where[1] not in OPS:
             raise ConfigError(f"{key.rsplit('.', 1)[0]}.where={list(where)}: expected [column, op, value] "
                               f"with op one of {', '.join(OPS)} and a column of {path}")
-        mask = OPS[where[1]](cols[where[0]], float(where[2]))
+        try:
+            value = float(where[2])
+        except (TypeError, ValueError):
+            raise ConfigError(f"{key.rsplit('.', 1)[0]}.where={list(where)}: the value must be a number") from None
+        mask = OPS[where[1]](cols[where[0]], value)
         if not mask.any():
             raise ConfigError(f"{key.rsplit('.', 1)[0]}.where={list(where)}: no row of {path} matches")
     x = np.stack([cols[c][mask] for c in names], axis=1)
@@ -144,7 +148,16 @@ class TableData(TransferDataModule):
         perm = rng.permutation(len(y))
         n_val = int(np.ceil(self.val_fraction * len(y)))
         val, train = perm[:n_val], perm[n_val:]
+        # R² needs two rows to have a variance; an empty validation split is fine (none is run)
+        if n_val == 1:
+            raise ConfigError(f"{key}.val_fraction={self.val_fraction}: leaves 1 row for validation; "
+                              "R² needs at least 2 (or set it to 0)")
+        if len(yte) < 2:
+            where_test = f"test_file={self.test_file}" if self.test_file else f"test_fraction={self.test_fraction}"
+            raise ConfigError(f"{key}.{where_test}: leaves {len(yte)} row(s) for testing; R² needs at least 2")
         if self.n_train is not None:
+            if self.n_train < 1:
+                raise ConfigError(f"{key}.n_train={self.n_train}: must be ≥ 1")
             if self.n_train > len(train):
                 raise ConfigError(f"{key}.n_train={self.n_train}: only {len(train)} training rows")
             train = train[:self.n_train]
@@ -175,7 +188,7 @@ class TableData(TransferDataModule):
     def class_weights(self) -> None:
         return None
 
-    def transform(self, x: torch.Tensor, train: bool) -> torch.Tensor:
+    def transform(self, x: torch.Tensor, train: bool, y: torch.Tensor | None = None) -> torch.Tensor:
         """Standardise features with the training rows' mean and std."""
         return (x - self.mean.to(x.device).view(1, -1, 1, 1)) / self.std.to(x.device).view(1, -1, 1, 1)
 

@@ -39,6 +39,8 @@ class Strategy:
     """
 
     needs_source: bool = True
+    #: the target tasks this strategy's loss handles (a regression strategy opts in)
+    tasks: tuple[str, ...] = ("classification",)
     #: compares cleanly only when source and target share one architecture
     same_architecture: bool = True
 

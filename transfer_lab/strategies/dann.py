@@ -75,6 +75,12 @@ class _Paired:
     def __len__(self) -> int:
         return len(self.source)
 
+    def set_epoch(self, epoch: int) -> None:
+        """Put both loaders where an uninterrupted run would be at ``epoch`` (resume): each epoch
+        restarts the target cycle, which wraps ceil(len(source) / len(target)) times."""
+        self.source.set_epoch(epoch)
+        self.target.set_epoch(epoch * math.ceil(len(self.source) / max(1, len(self.target))))
+
     def __iter__(self):
         it = iter(self.target)
         for xs, ys in self.source:
@@ -123,7 +129,7 @@ class DomainData(L.LightningDataModule):
     def on_after_batch_transfer(self, batch, dataloader_idx: int):
         if self.trainer is not None and self.trainer.training:
             xs, ys, *rest = batch
-            out = (self.source_dm.transform(xs, True), ys)
+            out = (self.source_dm.transform(xs, True, ys), ys)  # ys: imbalance_remedy=augment
             return out + tuple(self.target_dm.transform(x, True) for x in rest)
         x, y = batch
         return self.target_dm.transform(x, False), y

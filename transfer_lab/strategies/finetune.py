@@ -6,3 +6,5 @@ class Finetune(Strategy):
 
     The base class's ``build`` already copies the backbone; this class names the policy.
     """
+
+    tasks = ("classification", "regression")

@@ -27,6 +27,8 @@ class L2SP(Strategy):
         train_bn: unused here (nothing is frozen); kept for the common interface.
     """
 
+    tasks = ("classification", "regression")
+
     def __init__(self, alpha: float = 0.1, beta: float = 0.01, train_bn: bool = False) -> None:
         super().__init__(train_bn)
         if alpha < 0 or beta < 0:

@@ -147,8 +147,8 @@ class JointDataModule(L.LightningDataModule):
         training = self.trainer is not None and self.trainer.training
         if isinstance(batch[0], (tuple, list)):
             (xt, yt), (xs, ys) = batch
-            return ((self.target.transform(xt, training), yt),
-                    (self.source.transform(xs, training), ys))
+            return ((self.target.transform(xt, training, yt), yt),  # labels: imbalance_remedy=augment
+                    (self.source.transform(xs, training, ys), ys))
         x, y = batch
         return self.target.transform(x, training), y
 
@@ -160,11 +160,28 @@ class JointLoader:
     def __init__(self, target, source) -> None:
         self.target, self.source = target, source
         self._source_iter: Iterator | None = None
+        self._consumed = 0  # source batches drawn so far
 
     def __len__(self) -> int:
         return len(self.target)
 
+    def set_epoch(self, epoch: int) -> None:
+        """Put both loaders where an uninterrupted run would be at ``epoch`` (resume): the source
+        has then given ``epoch · len(target)`` batches of its cycling passes."""
+        if hasattr(self.target, "set_epoch"):
+            self.target.set_epoch(epoch)
+        consumed = epoch * len(self.target)
+        if consumed == self._consumed or not hasattr(self.source, "set_epoch"):
+            return  # the running source iterator is already there
+        passes, offset = divmod(consumed, max(1, len(self.source)))
+        self.source.set_epoch(passes)
+        self._source_iter = iter(self.source)
+        for _ in range(offset):
+            next(self._source_iter)
+        self._consumed = consumed
+
     def _next_source(self) -> Any:
+        self._consumed += 1
         if self._source_iter is None:
             self._source_iter = iter(self.source)
         try:

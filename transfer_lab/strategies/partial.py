@@ -14,6 +14,8 @@ class Partial(Strategy):
         freeze_transferred: freeze what was transferred (weights and BatchNorm statistics).
     """
 
+    tasks = ("classification", "regression")
+
     def __init__(self, blocks: int | None = 1, layers: list[str] | None = None,
                  freeze_transferred: bool = True, train_bn: bool = False) -> None:
         super().__init__(train_bn)
