@@ -25,7 +25,14 @@ def test_store_miss_then_hit_gives_identical_results(tmp_path):
     assert first["metrics"]["test/acc"] == second["metrics"]["test/acc"]
     assert RESULT_KEYS <= set(first)
     assert {"source_s", "target_s"} <= set(first["timings"])
-    assert {"test/acc", "test/loss"} <= set(first["metrics"])
+    assert {"test/acc", "test/loss", "test/balanced_acc"} <= set(first["metrics"])
+    # the last epoch's train/val figures survive trainer.test (which resets callback_metrics):
+    # they equal the last rows of the target stage's CSV log
+    import csv
+    rows = list(csv.DictReader(open(tmp_path / "a" / "target" / "metrics.csv")))
+    for key in ("val/acc", "val/loss", "train/acc", "train/loss"):
+        last = [float(r[key]) for r in rows if r.get(key)][-1]
+        assert first["metrics"][key] == pytest.approx(last, rel=1e-6), key
     assert "test/acc" in first["source"] and {"torch", "lightning"} <= set(first["env"])
     # a different seed is a different source
     other = run(compose_cfg("strategy=finetune", "seed=1", store=tmp_path / "store"), tmp_path / "c")

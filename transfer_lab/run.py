@@ -96,15 +96,15 @@ def run(cfg: DictConfig, out_dir: str | Path, choices: dict[str, Any] | None = N
     try:
         trainer.fit(module, datamodule=strategy.datamodule(target_dm, source_dm),
                     ckpt_path=str(resume_from[0]) if resume_from else None)
+        # the last epoch's train/val figures: trainer.test resets callback_metrics
+        fitted = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith(("val/", "train/"))}
         tested = trainer.test(module, datamodule=target_dm, verbose=False)[0]
     except Exception as e:
         results.update(status="failed", error=f"{type(e).__name__}: {e}")
         if trainer.is_global_zero:
             atomic_write_json(out_dir / "results.json", results)
         raise
-    results["metrics"] = {k: float(v) for k, v in tested.items()}
-    results["metrics"].update({k: float(v) for k, v in trainer.callback_metrics.items()
-                               if k.startswith(("val/", "train/"))})
+    results["metrics"] = {**fitted, **{k: float(v) for k, v in tested.items()}}
     if module.test_per_class is not None:
         results["per_class"] = {"test/acc": module.test_per_class}
     results["strategy_report"] = strategy.report()
