@@ -187,7 +187,7 @@ def _direct_writes(path: Path) -> list[str]:
 
 
 @pytest.mark.parametrize("name", [
-    "checkpoint.py", "report.py",
+    "checkpoint.py", "report.py", "report_render.py",
     "run.py", "analyze.py",
 ])
 def test_results_reports_and_weights_are_written_atomically(name):
