@@ -105,3 +105,34 @@ def test_cli_unknown_option_and_bad_value_give_one_line(tmp_path):
     assert lines[-1].startswith("error: target.data.samples_per_class=999")
     assert "Traceback" not in bad_budget.stderr
     assert not (tmp_path / "store").exists()
+
+
+def test_source_scheduler_is_part_of_the_store_key_and_anneals_the_source(tmp_path, monkeypatch):
+    """source.scheduler=cosine trains a different source (its own store key; the default key is
+    unchanged, so entries stored without the option stay valid) whose LR ends at ~0; a bad value
+    is one line before training."""
+    from transfer_lab.module import TransferModule
+    from transfer_lab.run import source_spec
+    from transfer_lab.store import store_key
+
+    seen = []
+    original = TransferModule.on_train_end if hasattr(TransferModule, "on_train_end") else None
+
+    def record(self):
+        seen.append(self.optimizers().param_groups[0]["lr"])
+        if original:
+            original(self)
+
+    monkeypatch.setattr(TransferModule, "on_train_end", record, raising=False)
+    plain = run(compose_cfg("strategy=finetune", store=tmp_path / "s"), tmp_path / "a")
+    cos = run(compose_cfg("strategy=finetune", "source.scheduler=cosine", store=tmp_path / "s"), tmp_path / "b")
+    assert cos["source"]["key"] != plain["source"]["key"] and cos["source"]["cache_hit"] is False
+    # seen: [source lr, target lr] per run; the cosine source ends annealed, the plain one does not
+    assert seen[0] == pytest.approx(1e-3) and seen[2] < 1e-9
+    cfg = compose_cfg("strategy=finetune")
+    from transfer_lab.data import SyntheticData
+    dm = SyntheticData(num_classes=4, shape=(1, 16, 16)).prepare()
+    spec = source_spec(cfg, dm)
+    assert "scheduler" not in spec and store_key(spec) == store_key(source_spec(cfg, dm))
+    with pytest.raises(ConfigError, match="source.scheduler='step': valid: none, cosine"):
+        run(compose_cfg("source.scheduler=step", store=tmp_path / "s"), tmp_path / "c")

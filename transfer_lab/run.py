@@ -39,6 +39,7 @@ from transfer_lab.validate import load_into, preflight_build, validate_config
 
 log = logging.getLogger("transfer_lab")
 SAVE_MODES = ("auto", "trainable", "full", "none")
+SCHEDULERS = ("none", "cosine")
 LOGGERS = ("csv", "tensorboard", "none")
 # keys that change how a run is executed or logged, not its result: resuming ignores them
 NON_RESULT_KEYS = ("resume", "logger", "store_dir", "transferability")
@@ -186,6 +187,9 @@ def prepare(cfg: DictConfig) -> tuple[Strategy, TransferDataModule | None, Trans
     globs, strict copies, source/target compatibility) — so nothing trains before a mistake shows.
     """
     validate_config(cfg)
+    for stage in ("source", "target"):
+        if str(cfg[stage].get("scheduler") or "none") not in SCHEDULERS:
+            raise ConfigError(f"{stage}.scheduler={cfg[stage].get('scheduler')!r}: valid: {', '.join(SCHEDULERS)}")
     if cfg.target.save_weights not in SAVE_MODES:
         raise ConfigError(f"target.save_weights={cfg.target.save_weights!r}: valid: {', '.join(SAVE_MODES)}")
     logger_names(cfg.get("logger", "csv"))
@@ -233,7 +237,9 @@ def build_model(model_cfg: DictConfig, dm: TransferDataModule | None = None, *,
 
 def source_spec(cfg: DictConfig, dm: TransferDataModule) -> dict:
     """Everything that determines the source weights: the store key is its hash."""
-    return {"data": OmegaConf.to_container(cfg.source.data, resolve=True),
+    scheduler = str(cfg.source.get("scheduler") or "none")
+    return {**({"scheduler": scheduler} if scheduler != "none" else {}),  # keys of older entries stay valid
+            "data": OmegaConf.to_container(cfg.source.data, resolve=True),
             "input_shape": list(dm.input_shape), "num_classes": dm.num_classes,
             "model": OmegaConf.to_container(cfg.source.model, resolve=True),
             "optimizer": OmegaConf.to_container(cfg.source.optimizer, resolve=True),
@@ -263,6 +269,7 @@ def source_stage(cfg: DictConfig, strategy: Strategy, dm: TransferDataModule | N
         model = build_model(cfg.source.model, dm)
         module = TransferModule(model, Scratch(), instantiate(cfg.source.optimizer, _partial_=True),
                                 lr=float(cfg.source.optimizer.lr), num_classes=dm.num_classes,
+                                scheduler=str(cfg.source.get("scheduler") or "none"),
                                 task=task_of(dm), target_norm=getattr(dm, "target_norm", None))
         trainer = make_trainer(cfg, "source", Path(cfg.store_dir) / ".logs" / key, [], devices)
         trainer.fit(module, datamodule=dm)
