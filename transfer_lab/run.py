@@ -80,7 +80,7 @@ def run(cfg: DictConfig, out_dir: str | Path, choices: dict[str, Any] | None = N
     model = strategy.build(source, target)
     module = TransferModule(model, strategy, instantiate(cfg.target.optimizer, _partial_=True),
                             lr=float(cfg.target.optimizer.lr), num_classes=target_dm.num_classes,
-                            class_weights=target_dm.class_weights, scheduler=cfg.target.scheduler,
+                            class_weights=target_dm.class_weights, scheduler=scheduler_of(cfg, "target"),
                             task=task_of(target_dm), target_norm=getattr(target_dm, "target_norm", None))
     results["data"] = {"target": {**target_dm.summary(),
                                   "samples_per_class": cfg.target.data.get("samples_per_class")}}
@@ -121,6 +121,11 @@ def run(cfg: DictConfig, out_dir: str | Path, choices: dict[str, Any] | None = N
         atomic_write_json(out_dir / "results.json", results)
         shutil.rmtree(ckpt_dir, ignore_errors=True)  # the weights are saved; the resume state is not needed
     return results
+
+
+def scheduler_of(cfg: DictConfig, stage: str) -> str:
+    """A stage's learning-rate schedule (``none`` when the key is unset or null)."""
+    return str(cfg[stage].get("scheduler") or "none")
 
 
 def task_of(dm: TransferDataModule) -> str:
@@ -188,7 +193,7 @@ def prepare(cfg: DictConfig) -> tuple[Strategy, TransferDataModule | None, Trans
     """
     validate_config(cfg)
     for stage in ("source", "target"):
-        if str(cfg[stage].get("scheduler") or "none") not in SCHEDULERS:
+        if scheduler_of(cfg, stage) not in SCHEDULERS:
             raise ConfigError(f"{stage}.scheduler={cfg[stage].get('scheduler')!r}: valid: {', '.join(SCHEDULERS)}")
     if cfg.target.save_weights not in SAVE_MODES:
         raise ConfigError(f"target.save_weights={cfg.target.save_weights!r}: valid: {', '.join(SAVE_MODES)}")
@@ -237,7 +242,7 @@ def build_model(model_cfg: DictConfig, dm: TransferDataModule | None = None, *,
 
 def source_spec(cfg: DictConfig, dm: TransferDataModule) -> dict:
     """Everything that determines the source weights: the store key is its hash."""
-    scheduler = str(cfg.source.get("scheduler") or "none")
+    scheduler = scheduler_of(cfg, "source")
     return {**({"scheduler": scheduler} if scheduler != "none" else {}),  # keys of older entries stay valid
             "data": OmegaConf.to_container(cfg.source.data, resolve=True),
             "input_shape": list(dm.input_shape), "num_classes": dm.num_classes,
@@ -269,7 +274,7 @@ def source_stage(cfg: DictConfig, strategy: Strategy, dm: TransferDataModule | N
         model = build_model(cfg.source.model, dm)
         module = TransferModule(model, Scratch(), instantiate(cfg.source.optimizer, _partial_=True),
                                 lr=float(cfg.source.optimizer.lr), num_classes=dm.num_classes,
-                                scheduler=str(cfg.source.get("scheduler") or "none"),
+                                scheduler=scheduler_of(cfg, "source"),
                                 task=task_of(dm), target_norm=getattr(dm, "target_norm", None))
         trainer = make_trainer(cfg, "source", Path(cfg.store_dir) / ".logs" / key, [], devices)
         trainer.fit(module, datamodule=dm)

@@ -3,11 +3,11 @@
 A table is N rows of D numeric features and one numeric target. Rows are held as float32
 ``(N, D, 1, 1)`` tensors, so the ``mlp`` backbone (which flattens ``C·H·W``) takes them with
 ``in_channels = D`` and ``image_size = 1``; ``num_classes`` is the number of outputs (1).
-Features are standardised with the statistics of all training-side rows (not the test rows); the target is kept in its own units
-(optionally ``log1p``-transformed) so RMSE reads in those units.
+Features are standardised with the statistics of all training-side rows (not the test rows); the
+target is kept in its own units (optionally ``log1p``-transformed) so RMSE reads in those units.
 
-This is the data half of the regression task type; the loss/metric half (MSE, R², RMSE) lives in
-the training module (see experiments/analysis/README.md, "Regression transfer").
+This is the data half of the regression task type; the loss and metrics (MSE on the standardised
+target; MSE, RMSE, R² in the target's units) live in ``TransferModule(task="regression")``.
 """
 
 from __future__ import annotations
@@ -82,16 +82,17 @@ def _columns(cols: dict[str, np.ndarray], target: str, features: Sequence[str] |
         raise ConfigError(f"{key}: feature column(s) {missing} not in {path}")
     mask = np.ones(len(cols[target]), dtype=bool)
     if where is not None:
+        at = f"{key.rsplit('.', 1)[0]}.where={list(where)}"  # the data config's key, not the file's
         if len(where) != 3 or where[0] not in cols or where[1] not in OPS:
-            raise ConfigError(f"{key.rsplit('.', 1)[0]}.where={list(where)}: expected [column, op, value] "
-                              f"with op one of {', '.join(OPS)} and a column of {path}")
+            raise ConfigError(f"{at}: expected [column, op, value] with op one of {', '.join(OPS)} "
+                              f"and a column of {path}")
         try:
             value = float(where[2])
         except (TypeError, ValueError):
-            raise ConfigError(f"{key.rsplit('.', 1)[0]}.where={list(where)}: the value must be a number") from None
+            raise ConfigError(f"{at}: the value must be a number") from None
         mask = OPS[where[1]](cols[where[0]], value)
         if not mask.any():
-            raise ConfigError(f"{key.rsplit('.', 1)[0]}.where={list(where)}: no row of {path} matches")
+            raise ConfigError(f"{at}: no row of {path} matches")
     x = np.stack([cols[c][mask] for c in names], axis=1)
     return x, cols[target][mask], names
 
