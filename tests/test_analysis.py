@@ -246,7 +246,7 @@ def test_table_data_standardises_with_training_rows_and_feeds_an_mlp(tmp_path):
 
 
 def test_table_data_errors_name_the_column(tmp_path):
-    from transfer_lab.data import ConfigError
+    from transfer_lab.errors import ConfigError
     from transfer_lab.data.tables import TableData, synthetic_table
 
     path = synthetic_table(tmp_path / "t.csv", n=20, d=2)

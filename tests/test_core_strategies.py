@@ -7,7 +7,7 @@ import torch
 from hydra.utils import instantiate
 
 from conftest import CONF, STRATEGIES, compose_cfg
-from transfer_lab.data import ConfigError
+from transfer_lab.errors import ConfigError
 from transfer_lab.models import convnet
 from transfer_lab.module import TransferModule
 from transfer_lab.run import run

@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from transfer_lab.data import ConfigError, EmbeddedMNIST, NpzData, SyntheticData, TorchvisionData
+from transfer_lab.data import EmbeddedMNIST, NpzData, SyntheticData, TorchvisionData
+from transfer_lab.errors import ConfigError
 from transfer_lab.data.loader import BatchLoader, adapt_images, random_crop
 
 

@@ -10,7 +10,7 @@ from lightning.pytorch.plugins import Precision
 from conftest import compose_cfg
 from safetensors.torch import load_file
 
-from transfer_lab.data.datamodule import ConfigError
+from transfer_lab.errors import ConfigError
 from transfer_lab.run import build_model, prepare, run, source_stage
 from transfer_lab.strategies.distill import CachedLogitLoader, Distill, TeacherLogitCache
 

@@ -10,7 +10,8 @@ import torch
 import torch.nn.functional as F
 
 from conftest import compose_cfg
-from transfer_lab.data import ConfigError, SyntheticData
+from transfer_lab.data import SyntheticData
+from transfer_lab.errors import ConfigError
 from transfer_lab.data.loader import PILDataset, normalize, pil_transform, random_crop
 from transfer_lab.models import convnet
 from transfer_lab.module import TransferModule

@@ -65,7 +65,7 @@ def test_a_related_source_helps_a_small_regression_target(tables, tmp_path):
 
 
 def test_embedded_boston_table_splits_into_two_domains_by_a_column():
-    from transfer_lab.data import ConfigError
+    from transfer_lab.errors import ConfigError
     from transfer_lab.data.tables import TableData
 
     kw = dict(train_file="embedded:boston_housing", target="MEDV", test_fraction=0.4, val_fraction=0.0)
@@ -90,7 +90,7 @@ def test_embedded_boston_table_splits_into_two_domains_by_a_column():
     (["strategy=scratch", "target.data.val_fraction=0.004"], "target.data.val_fraction=0.004: leaves 1 row"),
 ])
 def test_regression_config_errors_come_before_training(tables, tmp_path, overrides, expect):
-    from transfer_lab.data import ConfigError
+    from transfer_lab.errors import ConfigError
 
     with pytest.raises(ConfigError) as e:
         run(regression_cfg(tables, tmp_path / "store", *overrides), tmp_path / "run")

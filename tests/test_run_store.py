@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from conftest import ROOT, compose_cfg
-from transfer_lab.data import ConfigError
+from transfer_lab.errors import ConfigError
 from transfer_lab.run import run
 from transfer_lab.store import SourceStore, export_package, import_package, load_state_dict
 

@@ -10,7 +10,8 @@ import torch.nn.functional as F
 
 from conftest import compose_cfg
 from transfer_lab.checkpoint import load_trainable, save_trainable
-from transfer_lab.data import ConfigError, SyntheticData
+from transfer_lab.data import SyntheticData
+from transfer_lab.errors import ConfigError
 from transfer_lab.models import convnet, mlp, resnet_cifar
 from transfer_lab.module import TransferModule
 from transfer_lab.run import run

@@ -9,10 +9,11 @@ from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 
 from conftest import CONF, TINY, compose_cfg
-from transfer_lab.data import ConfigError
+from transfer_lab.errors import ConfigError
 from transfer_lab.module import TransferModule
 from transfer_lab.report import report
-from transfer_lab.run import completed, run
+from transfer_lab.results import completed
+from transfer_lab.run import run
 from transfer_lab.train import main, placement
 
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from transfer_lab.data.datamodule import ConfigError
+from transfer_lab.errors import ConfigError
 from transfer_lab.hooks import FeatureCapture, capture_features
 from transfer_lab.models import convnet, lenet, mlp
 from transfer_lab.transfer import format_report, match_layers, net2deeper, net2wider, transfer_weights

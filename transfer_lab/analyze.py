@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from transfer_lab.data.datamodule import ConfigError
+from transfer_lab.errors import ConfigError
 from transfer_lab.io import atomic_write_text
 
 

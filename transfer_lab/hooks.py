@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from transfer_lab.data.datamodule import ConfigError
+from transfer_lab.errors import ConfigError
 
 
 def resolve_modules(model: nn.Module, paths: Iterable[str], key: str = "layers") -> dict[str, nn.Module]:

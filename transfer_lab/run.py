@@ -6,7 +6,6 @@ is the plain-code wiring between them.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import platform
@@ -28,10 +27,12 @@ from omegaconf import DictConfig, OmegaConf
 
 import transfer_lab
 from transfer_lab.checkpoint import save_trainable
-from transfer_lab.data.datamodule import ConfigError, TransferDataModule
+from transfer_lab.data.datamodule import TransferDataModule
+from transfer_lab.errors import ConfigError
 from transfer_lab.io import atomic_save_safetensors, atomic_write_json
 from transfer_lab.models.classifier import Classifier
 from transfer_lab.module import TransferModule
+from transfer_lab.results import config_hash
 from transfer_lab.store import SourceStore, load_state_dict, store_key
 from transfer_lab.strategies.base import Strategy
 from transfer_lab.strategies.scratch import Scratch
@@ -41,8 +42,6 @@ log = logging.getLogger("transfer_lab")
 SAVE_MODES = ("auto", "trainable", "full", "none")
 SCHEDULERS = ("none", "cosine")
 LOGGERS = ("csv", "tensorboard", "none")
-# keys that change how a run is executed or logged, not its result: resuming ignores them
-NON_RESULT_KEYS = ("resume", "logger", "store_dir", "transferability")
 # Lightning's per-Trainer banners ("GPU available", tips) drown a sweep's one-line summaries
 for _name in ("lightning.pytorch.utilities.rank_zero", "lightning.pytorch.accelerators.cuda",
               "lightning.fabric.utilities.rank_zero"):
@@ -143,29 +142,6 @@ def transferability_scores(source: Classifier, dm: TransferDataModule, max_sampl
     if tuple(source.input_shape) != tuple(dm.input_shape):  # scoring would need the source's data path
         return {"skipped": f"source input {list(source.input_shape)} ≠ target input {list(dm.input_shape)}"}
     return transferability(source, dm, max_samples=max_samples, seed=0)  # eval mode, no_grad: no BN drift
-
-
-def config_hash(cfg: DictConfig | dict) -> str:
-    """Hash of the resolved config minus the keys that do not change a result (``NON_RESULT_KEYS``)."""
-    c = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg)
-    return store_key({k: v for k, v in c.items() if k not in NON_RESULT_KEYS})
-
-
-def completed(cfg: DictConfig, out_dir: str | Path) -> dict | None:
-    """The results of ``out_dir`` if it already holds a finished run of this same config, else None.
-
-    Sweep cells are skipped on this (``resume=false`` turns it off): the cell directory must be the
-    same, so sweeps meant to be resumed need a fixed ``hydra.sweep.dir`` (the experiment presets set one).
-    """
-    if not cfg.get("resume", True):
-        return None
-    try:
-        res = json.loads((Path(out_dir) / "results.json").read_text())
-    except (OSError, ValueError):
-        return None
-    want = config_hash(cfg)
-    same = want in (res.get("config_hash"), config_hash(res.get("config") or {}))
-    return res if res.get("status") == "ok" and same else None
 
 
 def last_checkpoint(ckpt_dir: Path) -> tuple[Path, int] | None:

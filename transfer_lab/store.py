@@ -29,7 +29,7 @@ from filelock import FileLock
 from safetensors.torch import load as load_safetensors_bytes
 from safetensors.torch import load_file, save_file
 
-from transfer_lab.data.datamodule import ConfigError
+from transfer_lab.errors import ConfigError
 from transfer_lab.io import atomic_write_bytes, atomic_write_json, fsync_dir, sha256_bytes
 from transfer_lab.validate import validate_package
 

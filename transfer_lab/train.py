@@ -181,7 +181,8 @@ def main() -> float | None:
 def hydra_main(cfg: DictConfig) -> float | None:
     from lightning.pytorch.utilities import rank_zero_only
 
-    from transfer_lab.run import completed, run  # heavy imports after Hydra has parsed the command line
+    from transfer_lab.results import completed  # heavy imports after Hydra has parsed the command line
+    from transfer_lab.run import run
 
     hc = HydraConfig.get()
     out_dir = hc.runtime.output_dir

@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from transfer_lab.data.datamodule import ConfigError
+from transfer_lab.errors import ConfigError
 
 #: a package's model ``_target_`` must live here: a config from outside names no other code
 MODEL_TARGET_PREFIX = "transfer_lab.models."

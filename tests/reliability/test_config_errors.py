@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from conftest import CONF, ROOT, STRATEGIES, compose_cfg
-from transfer_lab.data import ConfigError
+from transfer_lab.errors import ConfigError
 from transfer_lab.models import convnet, mlp
 from transfer_lab.run import run
 from transfer_lab.strategies.finetune import Finetune

@@ -10,7 +10,8 @@ import torch
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from transfer_lab.data import ConfigError, NpzData, SyntheticData
+from transfer_lab.data import NpzData, SyntheticData
+from transfer_lab.errors import ConfigError
 
 FUZZ = settings(max_examples=40, deadline=None, derandomize=True,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])

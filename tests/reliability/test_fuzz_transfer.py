@@ -10,7 +10,7 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from transfer_lab.data import ConfigError
+from transfer_lab.errors import ConfigError
 from transfer_lab.models import Classifier, convnet, lenet, mlp
 from transfer_lab.strategies.base import copy_backbone
 from transfer_lab.strategies.partial import Partial

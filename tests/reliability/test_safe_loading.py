@@ -15,7 +15,7 @@ from safetensors.torch import save as st_save
 from conftest import ROOT, compose_cfg
 from reliability.helpers import write_pickle_bomb
 from transfer_lab.checkpoint import load_trainable, save_trainable
-from transfer_lab.data import ConfigError
+from transfer_lab.errors import ConfigError
 from transfer_lab.io import sha256_bytes
 from transfer_lab.models import mlp
 from transfer_lab.run import run

@@ -20,7 +20,8 @@ from safetensors.torch import load_file
 from torch import nn
 
 from transfer_lab.checkpoint import load_trainable
-from transfer_lab.data.datamodule import ConfigError, TransferDataModule
+from transfer_lab.data.datamodule import TransferDataModule
+from transfer_lab.errors import ConfigError
 from transfer_lab.models.classifier import Classifier
 from transfer_lab.run import build_model, checkpoint_source, make_datamodule
 

@@ -8,7 +8,8 @@ from pathlib import Path
 
 import numpy as np
 
-from transfer_lab.data.datamodule import ConfigError, TransferDataModule
+from transfer_lab.data.datamodule import TransferDataModule
+from transfer_lab.errors import ConfigError
 
 # torchvision class name → (constructor style, mirrored images keep their meaning)
 TORCHVISION = {"MNIST": ("train", False), "FashionMNIST": ("train", True), "KMNIST": ("train", False),

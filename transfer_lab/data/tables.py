@@ -19,7 +19,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from transfer_lab.data.datamodule import ConfigError, TransferDataModule
+from transfer_lab.data.datamodule import TransferDataModule
+from transfer_lab.errors import ConfigError
 
 
 BOSTON_COLUMNS = ["CRIM", "ZN", "INDUS", "CHAS", "NOX", "RM", "AGE", "DIS", "RAD", "TAX", "PTRATIO",

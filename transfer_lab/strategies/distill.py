@@ -40,7 +40,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from transfer_lab.data.datamodule import ConfigError, TransferDataModule
+from transfer_lab.data.datamodule import TransferDataModule
+from transfer_lab.errors import ConfigError
 from transfer_lab.data.loader import BatchLoader
 from transfer_lab.hooks import FeatureCapture, capture_features
 from transfer_lab.models.classifier import Classifier

@@ -1,6 +1,6 @@
 from torch import nn
 
-from transfer_lab.data.datamodule import ConfigError
+from transfer_lab.errors import ConfigError
 from transfer_lab.models.classifier import Classifier
 from transfer_lab.strategies.base import Strategy, freeze, match_modules
 

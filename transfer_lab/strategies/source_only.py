@@ -7,7 +7,7 @@ from typing import Any
 import lightning as L
 from torch import nn
 
-from transfer_lab.data.datamodule import ConfigError
+from transfer_lab.errors import ConfigError
 from transfer_lab.models.classifier import Classifier
 from transfer_lab.strategies.base import Strategy
 from transfer_lab.strategies.dann import DomainData, copy_model

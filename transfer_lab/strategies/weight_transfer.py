@@ -12,7 +12,7 @@ from typing import Any
 
 from torch import nn
 
-from transfer_lab.data.datamodule import ConfigError
+from transfer_lab.errors import ConfigError
 from transfer_lab.models.classifier import Classifier
 from transfer_lab.strategies.base import Strategy
 from transfer_lab.transfer import format_report, net2deeper, net2wider, summarize, transfer_weights

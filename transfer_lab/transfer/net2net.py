@@ -23,7 +23,7 @@ import math
 import torch
 from torch import nn
 
-from transfer_lab.data.datamodule import ConfigError
+from transfer_lab.errors import ConfigError
 
 _BN = nn.modules.batchnorm._BatchNorm
 
