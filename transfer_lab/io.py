@@ -79,3 +79,54 @@ def sha256_file(path: str | Path) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
+
+
+# --- reading weights from files that come from outside: tensors only, nothing that runs code ---
+def load_safetensors_file(path: str | Path) -> dict[str, torch.Tensor]:
+    """A ``.safetensors`` state dict; a file that is not one fails with one line."""
+    from safetensors.torch import load_file
+
+    from transfer_lab.errors import ConfigError
+
+    try:
+        return load_file(str(path))
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such file") from None
+    except Exception as e:  # noqa: BLE001 — SafetensorError and friends
+        raise ConfigError(f"{path}: not a readable .safetensors file ({type(e).__name__}: "
+                          f"{str(e).splitlines()[0] if str(e) else ''})") from None
+
+
+def _refusal(e: Exception) -> str:
+    """The informative line of torch's weights-only refusal (it is many lines long)."""
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    for ln in lines:
+        if ln.startswith("Unsupported") or "Unsupported global" in ln:
+            return ln.removeprefix("WeightsUnpickler error: ")
+    return lines[0] if lines else type(e).__name__
+
+
+def read_weights(path: str | Path, key: str = "weights") -> dict[str, torch.Tensor]:
+    """A state dict from ``.safetensors`` or a pickled torch/Lightning checkpoint (``.pth``,
+    ``.pt``, ``.bin``, ``.ckpt``), read with ``weights_only=True``: a file that would run code (or
+    build any object but tensors and containers) is refused and nothing in it executes. A
+    Lightning checkpoint's ``state_dict`` is unwrapped and its ``model.`` prefix dropped.
+    ``key`` names the config key in error messages."""
+    import torch
+
+    from transfer_lab.errors import ConfigError
+
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"{key}={path}: no such file")
+    if p.suffix == ".safetensors":
+        return load_safetensors_file(p)
+    try:
+        obj = torch.load(p, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 — any unpickling refusal becomes one clear line
+        raise ConfigError(f"{key}={path}: refused to load ({type(e).__name__}: "
+                          f"{_refusal(e)}); only weights are accepted — prefer .safetensors") from None
+    state = obj.get("state_dict", obj) if isinstance(obj, dict) else None
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ConfigError(f"{key}={path}: not a state dict (name → tensor)")
+    return {k.removeprefix("model."): v for k, v in state.items()}

@@ -27,10 +27,10 @@ from typing import Any
 import torch
 from filelock import FileLock
 from safetensors.torch import load as load_safetensors_bytes
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from transfer_lab.errors import ConfigError
-from transfer_lab.io import atomic_write_bytes, atomic_write_json, fsync_dir, sha256_bytes
+from transfer_lab.io import atomic_write_bytes, atomic_write_json, fsync_dir, read_weights, sha256_bytes
 from transfer_lab.validate import validate_package
 
 FILES = ("model.safetensors", "config.json", "metrics.json")
@@ -161,26 +161,6 @@ class SourceStore:
 
 
 # --- external sources and knowledge packages ---------------------------------------------------
-def load_safetensors_file(path: str | Path) -> dict[str, torch.Tensor]:
-    """A ``.safetensors`` state dict; a file that is not one fails with one line."""
-    try:
-        return load_file(str(path))
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: no such file") from None
-    except Exception as e:  # noqa: BLE001 — SafetensorError and friends
-        raise ConfigError(f"{path}: not a readable .safetensors file ({type(e).__name__}: "
-                          f"{str(e).splitlines()[0] if str(e) else ''})") from None
-
-
-def _refusal(e: Exception) -> str:
-    """The informative line of torch's weights-only refusal (it is many lines long)."""
-    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
-    for ln in lines:
-        if ln.startswith("Unsupported") or "Unsupported global" in ln:
-            return ln.removeprefix("WeightsUnpickler error: ")
-    return lines[0] if lines else type(e).__name__
-
-
 def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     """A state dict from ``.safetensors``, a knowledge package, or a Lightning/torch checkpoint.
 
@@ -192,17 +172,7 @@ def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         raise ConfigError(f"source.checkpoint={path}: no such file or directory")
     if p.is_dir() or p.suffix == ".zip":
         return read_package(p)[0]
-    if p.suffix == ".safetensors":
-        return load_safetensors_file(p)
-    try:
-        obj = torch.load(p, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 — any unpickling refusal becomes one clear line
-        raise ConfigError(f"source.checkpoint={path}: refused to load ({type(e).__name__}: "
-                          f"{_refusal(e)}); only weights are accepted — prefer .safetensors") from None
-    state = obj.get("state_dict", obj) if isinstance(obj, dict) else None
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise ConfigError(f"source.checkpoint={path}: not a state dict (name → tensor)")
-    return {k.removeprefix("model."): v for k, v in state.items()}
+    return read_weights(p, "source.checkpoint")
 
 
 def export_package(store: SourceStore, key: str, out: str | Path) -> Path:

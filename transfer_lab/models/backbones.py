@@ -126,7 +126,7 @@ def torchvision_model(in_channels: int, image_size: int, num_classes: int, arch:
                          f"{', '.join(sorted(builders))}")
     net = torchvision.models.get_model(arch, weights=weights)
     if checkpoint:
-        from transfer_lab.store import load_safetensors_file
+        from transfer_lab.io import load_safetensors_file
         net.load_state_dict(load_safetensors_file(checkpoint))
     if in_channels != 3:
         _adapt_first_conv(net, in_channels)
