@@ -6,7 +6,8 @@ import math
 import pandas as pd
 import pytest
 
-from transfer_lab.report import ci95, main, report
+from transfer_lab.analysis.aggregate import ci95
+from transfer_lab.report import main, report
 
 
 def fake_result(path, strategy, seed, acc, budget=10, status="ok", extra=None, model="convnet",

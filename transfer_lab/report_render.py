@@ -1,28 +1,21 @@
-"""Rendering a report's summary tables: markdown tables and PNG plots (``transfer_lab.report``
-builds the tables; this file only draws them)."""
+"""Rendering a report's tables as markdown (``transfer_lab.report`` builds the tables;
+``transfer_lab.analysis.report_plots`` draws the figures)."""
 
 from __future__ import annotations
 
-import math
-from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 
-from transfer_lab.io import atomic_write_bytes
+from transfer_lab.analysis.aggregate import fmt, pm
+from transfer_lab.analysis.breakdowns import SCORES
+from transfer_lab.analysis.effective_labels import describe_effective
+from transfer_lab.analysis.paired import verdict
 
 BUDGET = "target.data.samples_per_class"
-# transferability scores of the source on the target, computed before training
-SCORES = ("logme", "leep")
-
-
-def fmt(v: float, digits: int = 4) -> str:
-    return "—" if v is None or (isinstance(v, float) and not math.isfinite(v)) else f"{v:.{digits}f}"
-
-
-def pm(mean: float, std: float) -> str:
-    """``mean ± std``; "—" for a group where no run measured it (older results)."""
-    return f"{fmt(mean)} ± {fmt(std)}" if math.isfinite(mean) else "—"
+MARK = "†"  # a group holding cells that did not converge
+UNCONVERGED = ("partial", "none")
 
 
 def key_cells(r: pd.Series, keys: list[str]) -> list[str]:
@@ -33,27 +26,83 @@ def key_names(keys: list[str]) -> list[str]:
     return ["labels/class" if k == BUDGET else k for k in keys]
 
 
-def markdown(table: pd.DataFrame, keys: list[str], m: str = "acc") -> str:
-    """The main table; balanced acc, rmse, LogME and LEEP columns only when ``table`` has them."""
+def markdown(table: pd.DataFrame, keys: list[str], m: str = "acc", baseline: str = "scratch") -> str:
+    """The main table; balanced acc, rmse, LogME and LEEP columns only when ``table`` has them,
+    the paired columns when some group has a pair, ``converged`` when some cell recorded it."""
     bal, rmse = "balanced_acc_mean" in table, "rmse_mean" in table
     scores = [s for s in SCORES if s in table]
+    paired = bool((table.get("n_pairs", pd.Series(dtype=float)) > 0).any())
+    conv = bool((table.get("converged", pd.Series(dtype=object)) != "unknown").any())
     head = [*key_names(keys), f"test/{m} mean ± std", "n", "seeds", "95% CI",
-            *["balanced acc mean ± std"] * bal, *["rmse"] * rmse, "gain vs scratch", f"source {m}",
-            "trainable params", "time (s)", *[{"logme": "LogME", "leep": "LEEP"}[s] for s in scores]]
+            *["balanced acc mean ± std"] * bal, *["rmse"] * rmse, "gain vs scratch",
+            *[f"paired diff vs {baseline} (95% CI)", "wins", "p (Wilcoxon)"] * paired,
+            *["converged"] * conv, f"source {m}", "trainable params", "time (s)",
+            *[{"logme": "LogME", "leep": "LEEP"}[s] for s in scores]]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for _, r in table.iterrows():
         gain = fmt(r["gain_vs_scratch"]) + (" ⚠ negative" if r["negative_transfer"] else "")
-        cells = [*key_cells(r, keys), f"{fmt(r[f'{m}_mean'])} ± {fmt(r[f'{m}_std'])}",
+        mark = f" {MARK}" if r.get("converged") in UNCONVERGED else ""
+        cells = [*key_cells(r, keys), f"{fmt(r[f'{m}_mean'])} ± {fmt(r[f'{m}_std'])}{mark}",
                  str(r["n"]), str(r["seeds"]), f"± {fmt(r[f'{m}_ci95'])}",
                  *([pm(r["balanced_acc_mean"], r["balanced_acc_std"])] if bal else []),
-                 *([fmt(r["rmse_mean"])] if rmse else []), gain, fmt(r[f"source_{m}"]),
-                 "—" if pd.isna(r["trainable"]) else f"{int(r['trainable']):,}", fmt(r["time_s"], 1),
-                 *[fmt(r[s]) for s in scores]]
+                 *([fmt(r["rmse_mean"])] if rmse else []), gain,
+                 *(paired_cells(r, baseline) if paired else []), *([str(r["converged"])] if conv else []),
+                 fmt(r[f"source_{m}"]), "—" if pd.isna(r["trainable"]) else f"{int(r['trainable']):,}",
+                 fmt(r["time_s"], 1), *[fmt(r[s]) for s in scores]]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
-def per_class_markdown(table: pd.DataFrame, keys: list[str]) -> str:
+def paired_cells(r: pd.Series, baseline: str) -> list[str]:
+    """``+0.0500 ± 0.0300 significant`` (marked † when a side did not converge), ``2/3``, p."""
+    if r["strategy"] == baseline:
+        return ["(baseline)", "—", "—"]
+    if not r["n_pairs"]:
+        return ["—", "—", "—"]
+    mark = f" {MARK}" if {r.get("converged"), r.get("_baseline_converged")} & set(UNCONVERGED) else ""
+    diff = f"{r['paired_diff_mean']:+.4f} ± {fmt(r['paired_diff_ci95'])} {verdict(r)}{mark}"
+    return [diff, f"{r['wins']}/{r['n_pairs']}", fmt(r["p_value"])]
+
+
+def paired_note(table: pd.DataFrame, baseline: str) -> str:
+    """What the paired columns mean and which test gave p (the methods actually used)."""
+    if not (table.get("n_pairs", pd.Series(dtype=float)) > 0).any():
+        return (f"No paired comparison: no group has `{baseline}` cells with the same seeds in its "
+                "context.\n")
+    used = sorted({m for m in table["p_method"].dropna() if m})
+    fewest = int(table.loc[table["n_pairs"] > 0, "n_pairs"].min())
+    return (f"Paired differences vs `{baseline}`: cells paired by seed within the same context (same "
+            "source, labelled subset and initialisation); mean of the per-seed differences ± the "
+            "half-width of its t-based 95% CI; *not significant* where that CI includes 0. Wins: seeds "
+            f"where the strategy beat `{baseline}`. p: two-sided Wilcoxon signed-rank test (scipy), "
+            f"{' / '.join(used)} p-value. With n pairs the exact test cannot give p below 2/2^n: "
+            f"here the fewest pairs is {fewest} (smallest possible p {2 / 2 ** fewest:.3g}).\n")
+
+
+def convergence_footnote(cells: pd.DataFrame) -> str:
+    """The cells that did not converge, with the figures their convergence was judged on."""
+    bad = cells[cells["cell_converged"].map(lambda v: isinstance(v, (bool, np.bool_)) and not v)]
+    if bad.empty:
+        return ""
+    lines = [f"{MARK} Not converged ({len(bad)} cells): a mean marked {MARK} includes cells whose "
+             "training had not converged (`convergence.converged: false`); read it as unfinished, "
+             "not as the strategy's result.", ""]
+    for _, c in bad.iterrows():
+        figures = ", ".join(f"{k}={fmt(v) if isinstance(v, float) else v}"
+                            for k, v in c["convergence"].items() if k != "converged")
+        lines.append(f"- `{c['path']}` ({c['k:strategy']}, seed {c['seed']})"
+                     + (f": {figures}" if figures else ""))
+    return "\n".join(lines) + "\n"
+
+
+def convergence_unrecorded(table: pd.DataFrame) -> str:
+    if (table["converged"] != "unknown").any():
+        return ""
+    return ("Convergence: not recorded by these results (written before the convergence check); "
+            "the `converged` column of report.csv says `unknown`.\n")
+
+
+def per_class_markdown(table: pd.DataFrame, keys: list[str], m: str = "acc") -> str:
     classes = [c for c in table.columns if c.startswith("class ")]
     head = [*key_names(keys), "n", *(["classes"] if "classes" in table else []), *classes]
     lines = ["## Per-class test accuracy (mean over seeds)", "",
@@ -81,68 +130,40 @@ def ranking_markdown(table: pd.DataFrame, ctx: list[str], m: str = "acc") -> str
     return "\n".join(lines) + "\n"
 
 
+def summary_line(counts: dict[str, int]) -> str:
+    tuning = f"; {counts['tuning']} tuning trials (not tabulated)" if counts.get("tuning") else ""
+    return (f"**Cells:** {counts['ok']} ok, {counts['failed']} failed, {counts['incomplete']} "
+            f"incomplete{tuning}.\n")
+
+
 def problems_markdown(problems: list[dict]) -> str:
-    lines = [f"Failed or incomplete cells ({len(problems)}), not in the table:", ""]
-    return "\n".join(lines + [f"- `{p['path']}`: {p['status']} ({p['error']})" for p in problems]) + "\n"
+    """Failed cells (with stage and error) and incomplete ones, listed separately."""
+    failed = [p for p in problems if p["status"] == "failed"]
+    other = [p for p in problems if p["status"] != "failed"]
+    lines = []
+    if failed:
+        lines += [f"Failed cells ({len(failed)}), not in the tables:", ""]
+        lines += [f"- `{p['path']}`: failed" + (f" in the {p['stage']} stage" if p.get("stage") else "")
+                  + f": {p['error']}" for p in failed]
+    if other:
+        lines += [*([""] if lines else []), f"Incomplete cells ({len(other)}), not in the tables:", ""]
+        lines += [f"- `{p['path']}`: {p['status']} ({p['error']})" for p in other]
+    return "\n".join(lines) + "\n"
 
 
-def series_label(r: pd.Series, keys: list[str]) -> str:
-    parts = [str(r["strategy"])] + [f"{k}={r[k]}" for k in keys if k not in ("strategy", BUDGET)]
-    return ", ".join(parts)
-
-
-def plots(table: pd.DataFrame, keys: list[str], out: Path, m: str = "acc") -> list[Path]:
-    """``test/<m>`` vs label budget (one line per strategy/setting, std error bars) and one bar
-    chart per budget. Returns the files written."""
-    import matplotlib
-    import matplotlib.ticker
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    t = table.copy()
-    t["series"] = [series_label(r, keys) for _, r in t.iterrows()]
-    t["budget"] = t[BUDGET] if BUDGET in t else "—"
-    numeric = pd.to_numeric(t["budget"], errors="coerce")
-    written = []
-    fig, ax = plt.subplots(figsize=(6.4, 4.2))
-    for name, s in t.groupby("series", sort=False):
-        x = pd.to_numeric(s["budget"], errors="coerce")
-        if x.isna().all():
-            x = pd.Series(range(len(s)), index=s.index)
-        order = x.sort_values().index
-        base = dict(color="black", linestyle="--") if (s["strategy"] == "scratch").all() else {}
-        ax.errorbar(x[order], s.loc[order, f"{m}_mean"], yerr=s.loc[order, f"{m}_std"].fillna(0),
-                    marker="o", capsize=3, label=name, **base)
-    if numeric.notna().all() and numeric.nunique() > 1 and (numeric > 0).all():
-        ax.set_xscale("log")
-        ax.set_xticks(sorted(numeric.unique()), [str(int(b)) for b in sorted(numeric.unique())])
-        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
-    ax.set(xlabel="labels per class (target.data.samples_per_class)", ylabel=f"test/{m} (mean ± std)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    written.append(save_fig(fig, out / f"{m}_vs_budget.png"))
-    for b, s in t.groupby(t["budget"].astype(str), sort=False):
-        fig, ax = plt.subplots(figsize=(max(4.0, 0.6 * len(s) + 2), 3.6))
-        ax.bar(range(len(s)), s[f"{m}_mean"], yerr=s[f"{m}_std"].fillna(0), capsize=3,
-               color=["tab:gray" if st == "scratch" else "tab:red" if neg else "tab:blue"
-                      for st, neg in zip(s["strategy"], s["negative_transfer"])])
-        ax.set_xticks(range(len(s)), s["series"], rotation=30, ha="right", fontsize=7)
-        ax.set(ylabel=f"test/{m} (mean ± std)",
-               title=f"budget {b} labels/class (grey: scratch, red: below it)")
-        name = b if b not in ("—", "null") else "all"  # no budget key / all labels: a plain file name
-        written.append(save_fig(fig, out / f"{'' if m == 'acc' else m + '_'}bars_budget_{name}.png"))
-    return written
-
-
-def save_fig(fig: Any, path: Path) -> Path:
-    import io
-
-    import matplotlib.pyplot as plt
-
-    buf = io.BytesIO()
-    fig.tight_layout()
-    fig.savefig(buf, format="png", dpi=90)
-    plt.close(fig)
-    atomic_write_bytes(path, buf.getvalue())
-    return path
+def effective_markdown(eff: pd.DataFrame, keys: list[str], m: str = "acc") -> str:
+    """The effective-labels table (Hernandez et al. 2021)."""
+    head = [*key_names(keys), f"test/{m} mean", "scratch would need (labels/class)",
+            "labels transferred", "× real labels"]
+    lines = [f"## Effective labels transferred (test/{m})", "",
+             "For each strategy and label budget: how many labels per class `scratch` would need for "
+             f"the same mean test/{m} (Hernandez et al. 2021, *Scaling Laws for Transfer*): scratch's "
+             "mean accuracy, made monotone in the budget (isotonic fit), interpolated linearly in log "
+             "budget. Outside scratch's measured budgets: `>` / `<` its largest / smallest budget, not "
+             "an extrapolation. Labels transferred = effective − real.", "",
+             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for _, r in eff.iterrows():
+        cells = [*key_cells(r, keys), fmt(r[f"{m}_mean"]), describe_effective(r),
+                 fmt(r["labels_transferred"], 1), fmt(r["multiplier"], 2)]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"

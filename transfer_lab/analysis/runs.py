@@ -19,6 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 from safetensors.torch import load_file
 from torch import nn
 
+from transfer_lab.analysis.collect import load
 from transfer_lab.checkpoint import load_trainable
 from transfer_lab.data.datamodule import TransferDataModule
 from transfer_lab.errors import ConfigError
@@ -49,16 +50,9 @@ def read_results(run_dir: str | Path) -> dict[str, Any]:
 
 
 def find_runs(dirs: list[str | Path]) -> list[Path]:
-    """Every run directory (holding an ``ok`` results.json) under the given directories, sorted."""
-    out = []
-    for d in dirs:
-        for p in sorted(Path(d).rglob("results.json")):
-            try:
-                if json.loads(p.read_text()).get("status") == "ok":
-                    out.append(p.parent)
-            except (OSError, ValueError):
-                continue
-    return out
+    """Every finished run directory (an ``ok`` results.json with a test metric) under the given
+    directories, sorted: the report's loader decides what counts."""
+    return sorted({cell.path for d in dirs for cell in load(d)[0]})
 
 
 def _locate(path: str, run_dir: Path) -> str:
@@ -118,33 +112,3 @@ def load_run(run_dir: str | Path, store_dir: str | Path | None = None) -> Loaded
     else:
         raise ConfigError(f"{run_dir}: the run saved no target weights (target.save_weights=none)")
     return LoadedRun(run_dir, results, cfg, source, model.eval(), dm)
-
-
-def flatten(d: Any, prefix: str = "") -> dict[str, Any]:
-    if isinstance(d, dict):
-        out: dict[str, Any] = {}
-        for k, v in d.items():
-            out.update(flatten(v, f"{prefix}{k}."))
-        return out
-    return {prefix[:-1]: json.dumps(d) if isinstance(d, list) else d}
-
-
-def run_labels(results: list[dict], ignore: tuple[str, ...] = ("seed",)) -> list[str]:
-    """A short label per run naming what varies across the runs, seed excluded.
-
-    Config-group choices (``model@source.model=lenet``) name their whole subtree; other keys are
-    listed as ``key=value`` only when they vary outside a subtree whose choice already varies.
-    """
-    choices = [{k: v for k, v in (r.get("choices") or {}).items() if k not in ignore} for r in results]
-    vary_choice = sorted(k for k in set().union(*choices) if len({str(c.get(k)) for c in choices}) > 1)
-    covered = [k.split("@", 1)[-1] for k in vary_choice]
-    flats = [flatten(r.get("config", {})) for r in results]
-    vary_keys = sorted(k for k in set().union(*flats) if k not in ignore
-                       and len({str(f.get(k)) for f in flats}) > 1
-                       and not any(k == c or k.startswith(c + ".") for c in covered)
-                       and not k.startswith("hydra"))
-    labels = []
-    for c, f in zip(choices, flats):
-        parts = [f"{k}={c.get(k)}" for k in vary_choice] + [f"{k}={f.get(k)}" for k in vary_keys]
-        labels.append(" ".join(parts) or "all")
-    return labels

@@ -1,4 +1,5 @@
-"""Aggregate per-run analyses over seeds: mean ± std tables grouped by what varies."""
+"""Aggregate per-run analyses over seeds: mean ± std tables grouped by what varies, with the
+report's grouping and statistics (``transfer_lab.analysis.aggregate``)."""
 
 from __future__ import annotations
 
@@ -8,24 +9,22 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from transfer_lab.analysis.aggregate import labels as run_labels
+from transfer_lab.analysis.aggregate import mean_std, pm
 from transfer_lab.analysis.ranking import kendall_tau
-from transfer_lab.analysis.runs import run_labels
-
-
-def mean_std(values: Sequence[float]) -> tuple[float, float]:
-    v = [x for x in values if x is not None and not math.isnan(x)]
-    if not v:
-        return math.nan, math.nan
-    return float(np.mean(v)), float(np.std(v, ddof=1)) if len(v) > 1 else 0.0
 
 
 def fmt(values: Sequence[float], digits: int = 3) -> str:
-    m, s = mean_std(values)
-    return f"{m:.{digits}f} ± {s:.{digits}f}"
+    return pm(*mean_std(values), digits=digits)
+
+
+def pair(ms: tuple[float, float], digits: int = 3) -> str:
+    return pm(*ms, digits=digits)
 
 
 def group(results: list[dict], items: list[dict]) -> dict[str, list[dict]]:
-    """Items grouped by their run's label (what varies across the runs, seed excluded)."""
+    """Items grouped by their run's label (what varies across the runs, minus the seed and the
+    keys that do not change a result: the report's groups)."""
     out: dict[str, list[dict]] = defaultdict(list)
     for label, item in zip(run_labels(results), items):
         out[label].append(item)
@@ -65,16 +64,14 @@ def representation_table(summary: dict[str, dict]) -> str:
     """Markdown: per group, same-layer CKA and drift per layer (mean ± std over seeds)."""
     lines = []
     for label, g in summary.items():
-        lines += [f"\n{label} ({g['n']} seeds): test acc {g['acc'][0]:.3f} ± {g['acc'][1]:.3f}",
+        lines += [f"\n{label} ({g['n']} seeds): test acc {pair(g['acc'])}",
                   "| layer | CKA(source, target) same layer | same, target with source BN stats "
                   "| weight drift | BN statistics drift |", "|---|---|---|---|---|"]
-        for p, (m, s) in g["diagonal"].items():
-            sw = g.get("diagonal_source_bn_stats", {}).get(p, (math.nan, math.nan))
-            swap = f"{sw[0]:.3f} ± {sw[1]:.3f}" if not math.isnan(sw[0]) else "—"
-            d = f"{g['drift'][p]:.3f} ± {g['drift_std'][p]:.3f}" if p in g["drift"] else "—"
-            bn = g.get("bn_stats_drift", {}).get(p, (math.nan, math.nan))
-            b = f"{bn[0]:.3f} ± {bn[1]:.3f}" if not math.isnan(bn[0]) else "—"
-            lines.append(f"| {p} | {m:.3f} ± {s:.3f} | {swap} | {d} | {b} |")
+        for p, ms in g["diagonal"].items():
+            swap = pair(g.get("diagonal_source_bn_stats", {}).get(p, (math.nan, math.nan)))
+            d = pair((g["drift"][p], g["drift_std"][p])) if p in g["drift"] else "—"
+            b = pair(g.get("bn_stats_drift", {}).get(p, (math.nan, math.nan)))
+            lines.append(f"| {p} | {pair(ms)} | {swap} | {d} | {b} |")
     return "\n".join(lines)
 
 
@@ -117,12 +114,12 @@ def rank_summary(results: list[dict], scores: list[dict]) -> dict:
 def rank_markdown(summary: dict) -> str:
     lines = ["| source | seeds | LogME | LEEP | fine-tuned test acc |", "|---|---|---|---|---|"]
     for r in sorted(summary["rows"], key=lambda r: -r["acc"]):
-        lines.append(f"| {r['source']} | {r['n']} | {r['logme']:.3f} ± {r['logme_std']:.3f} | "
-                     f"{r['leep']:.3f} ± {r['leep_std']:.3f} | {r['acc']:.3f} ± {r['acc_std']:.3f} |")
+        lines.append(f"| {r['source']} | {r['n']} | {pair((r['logme'], r['logme_std']))} | "
+                     f"{pair((r['leep'], r['leep_std']))} | {pair((r['acc'], r['acc_std']))} |")
     lines.append("")
     for s in ("logme", "leep"):
         per = ", ".join(f"seed {k}: {v[s]:.2f}" for k, v in summary["tau_per_seed"].items())
         m, sd = summary["tau_seed_mean_std"][s]
-        lines.append(f"Kendall τ({s}, acc): {per}; mean ± std {m:.2f} ± {sd:.2f}; "
+        lines.append(f"Kendall τ({s}, acc): {per}; mean ± std {pm(m, sd, 2)}; "
                      f"on seed-averaged sources {summary['tau_of_means'][s]:.2f}")
     return "\n".join(lines)

@@ -1,0 +1,83 @@
+"""``comparison.json``: the protocol of a tuned comparison and each strategy's tuned
+hyperparameters, written by the comparison tool into the directory the report reads.
+
+Schema: ``{"protocol": {"trials", "objective", "direction", "tuning_seed", "eval_seeds", "steps",
+"val_per_class", "sampler", "label_budget"}, "strategies": {"<name>": {"best_params": {"<override
+key>": value}, "best_value": float, "trials": int}}}``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from transfer_lab.analysis.aggregate import fmt, pm
+from transfer_lab.errors import ConfigError
+
+FILE = "comparison.json"
+# protocol fields in the order the report states them, with how they read
+PROTOCOL = (("trials", "Optuna trials per strategy"), ("sampler", "sampler"),
+            ("objective", "objective"), ("direction", "direction"), ("tuning_seed", "tuning seed"),
+            ("eval_seeds", "evaluation seeds"), ("steps", "target optimizer steps"),
+            ("val_per_class", "validation labels per class"), ("label_budget", "label budget"))
+
+
+def read_comparison(root: str | Path) -> dict[str, Any] | None:
+    """``<root>/comparison.json`` checked against the schema; None when the file is absent."""
+    path = Path(root) / FILE
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"{path}: not readable JSON ({e}); rewrite it with the comparison tool") from e
+    if not isinstance(data, dict) or not isinstance(data.get("protocol"), dict) \
+            or not isinstance(data.get("strategies"), dict):
+        raise ConfigError(f"{path}: needs objects 'protocol' and 'strategies' (see the report docs)")
+    for name, s in data["strategies"].items():
+        if not isinstance(s, dict) or not isinstance(s.get("best_params"), dict):
+            raise ConfigError(f"{path}: strategies.{name}.best_params must be an object of overrides")
+    return data
+
+
+def is_tuning_trial(result: dict) -> bool:
+    """A cell of a tuning sweep (``hparams_search=<strategy>``), not an evaluation cell."""
+    return bool((result.get("choices") or {}).get("hparams_search"))
+
+
+def params_text(params: dict[str, Any]) -> str:
+    return ", ".join(f"`{k}={v}`" for k, v in sorted(params.items())) or "(defaults)"
+
+
+def protocol_markdown(comparison: dict | None, root: Path, tuning_trials: int = 0) -> str:
+    """The protocol block (``comparison.json`` present) or the statement that nothing was tuned."""
+    if comparison is None:
+        return ("**Hyperparameters: untuned.** No `comparison.json` in this directory: every cell ran "
+                "at its configured values — the YAML defaults of `conf/strategy/` and `conf/optimizer/`, "
+                "unless a column above varies them. A strategy's score may reflect its defaults more "
+                "than the method.\n")
+    p = comparison["protocol"]
+    lines = ["## Protocol", "", "Each strategy tuned with the same number of Optuna trials on the "
+             "validation metric (the test split is never seen while tuning), its best configuration "
+             "re-trained with the evaluation seeds:", ""]
+    lines += [f"- {label}: {json.dumps(p[k]) if isinstance(p[k], list) else p[k]}"
+              for k, label in PROTOCOL if k in p]
+    if tuning_trials:
+        lines += ["", f"{tuning_trials} tuning trial cells (`hparams_search=`) below {root} are not in "
+                      "the tables: their seed is the tuning seed."]
+    return "\n".join(lines) + "\n"
+
+
+def tuned_markdown(comparison: dict, table: Any, keys: list[str], m: str) -> str:
+    """Each strategy's tuned hyperparameters beside its test score (one line per table group)."""
+    objective = comparison["protocol"].get("objective", "validation metric")
+    head = [*keys, f"test/{m} mean ± std", "tuned hyperparameters", f"best {objective}", "trials"]
+    lines = ["## Tuned hyperparameters", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for _, r in table.iterrows():
+        s = comparison["strategies"].get(str(r["strategy"]))
+        tuned = [params_text(s["best_params"]), fmt(s.get("best_value")),
+                 str(s.get("trials", "—"))] if s else ["not tuned (YAML defaults)", "—", "—"]
+        lines.append("| " + " | ".join([*(str(r[k]) for k in keys),
+                                         pm(r[f"{m}_mean"], r[f"{m}_std"]), *tuned]) + " |")
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,104 @@
+"""Paired statistics of a strategy against the baseline, cells paired by seed.
+
+Within one group context (same budget, same everything but the strategy) a seed fixes the source
+model, the labelled subset and the initialisation, so the per-seed difference ``strategy −
+baseline`` removes most of the seed-to-seed noise that an unpaired comparison carries.
+
+Per strategy group: mean paired difference, t-based 95% CI of that mean, wins (differences > 0)
+out of the pairs, and the two-sided Wilcoxon signed-rank p (scipy). The p is exact (the full
+null distribution over the 2^n sign patterns) for n ≤ 50 pairs without ties or zero differences;
+with ties or zeros, an exhaustive permutation test for n ≤ 13 and the normal approximation above
+(scipy's rule for ``method="auto"``). The smallest two-sided exact p with n pairs is 2 / 2^n:
+fewer than 6 seeds can never give p < 0.05, whatever the differences.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from scipy import stats
+
+from transfer_lab.analysis.aggregate import ci95, finite
+
+BUDGET = "k:target.data.samples_per_class"
+
+
+def wilcoxon_method(d: np.ndarray) -> str:
+    """How scipy's ``wilcoxon(method="auto")`` computes the p for differences ``d``."""
+    nonzero = d[d != 0]
+    clean = len(nonzero) == len(d) and len(np.unique(np.abs(d))) == len(d)
+    if clean:
+        return "exact" if len(d) <= 50 else "normal approximation"
+    return "exact permutation" if len(d) <= 13 else "normal approximation"
+
+
+def wilcoxon_p(diffs: Iterable[Any]) -> tuple[float, str]:
+    """Two-sided Wilcoxon signed-rank p of ``diffs`` against 0, and how it was computed."""
+    d = finite(diffs)
+    if len(d) == 0:
+        return math.nan, ""
+    if not d.any():
+        return 1.0, "all differences 0"  # scipy returns NaN here; no evidence of a difference
+    return float(stats.wilcoxon(d, method="auto").pvalue), wilcoxon_method(d)
+
+
+def paired_stats(diffs: Iterable[Any]) -> dict[str, Any]:
+    """Mean, 95% CI half-width (t), wins, n, p and whether the CI excludes 0 (``significant``)."""
+    d = finite(diffs)
+    n = len(d)
+    mean = float(d.mean()) if n else math.nan
+    half = ci95(float(d.std(ddof=1)) if n > 1 else math.nan, n)
+    p, method = wilcoxon_p(d)
+    significant = math.isfinite(half) and abs(mean) > half
+    return {"paired_diff_mean": mean, "paired_diff_ci95": half, "wins": int((d > 0).sum()),
+            "n_pairs": n, "p_value": p, "significant": significant, "p_method": method}
+
+
+def verdict(row: pd.Series | dict) -> str:
+    """"significant" when the paired 95% CI excludes 0, else "not significant"."""
+    return "significant" if row["significant"] else "not significant"
+
+
+def match_baseline(table: pd.DataFrame, row: pd.Series, keys: Sequence[str],
+                   baseline: str) -> pd.Series | None:
+    """The baseline group of ``table`` in ``row``'s context: same non-strategy keys, else (the
+    baseline ignores source settings, e.g. scratch) the same target-side keys. None: no unique one."""
+    other = [k for k in keys if k != "k:strategy" and not k.startswith("k:strategy.")]
+    target_side = [k for k in other if k.startswith(("k:target", BUDGET))]
+    base = table[table["k:strategy"] == baseline]
+    for match in (other, target_side):
+        s = base
+        for k in match:
+            s = s[s[k].astype(str) == str(row[k])]
+        if len(s) == 1:
+            return s.iloc[0]
+    return None
+
+
+def per_seed(df: pd.DataFrame, keys: Sequence[str], row: pd.Series, m: str) -> pd.Series:
+    """Metric ``m`` by seed of the cells of ``row``'s group (a repeated seed: its mean)."""
+    mask = np.logical_and.reduce([df[k].astype(str) == str(row[k]) for k in keys])
+    g = df[mask]
+    return pd.to_numeric(g[m], errors="coerce").groupby(g["seed"]).mean()
+
+
+def add_paired(table: pd.DataFrame, df: pd.DataFrame, keys: Sequence[str], m: str,
+               baseline: str) -> None:
+    """Paired columns (``paired_stats``) vs ``baseline`` on every other group of ``table`` (NaN /
+    0 pairs where no baseline group matches; the baseline's own rows stay empty)."""
+    out = []
+    for _, r in table.iterrows():
+        b = None if r["k:strategy"] == baseline else match_baseline(table, r, keys, baseline)
+        if b is None:
+            out.append({**paired_stats([]), "significant": None, "_baseline_converged": None})
+            continue
+        mine, base = per_seed(df, keys, r, m), per_seed(df, keys, b, m)
+        both = mine.index.intersection(base.index)
+        out.append({**paired_stats(mine[both] - base[both]),
+                    "_baseline_converged": b.get("converged")})
+    for col in out[0] if out else ():
+        table[col] = [o[col] for o in out]
