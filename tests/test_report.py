@@ -11,23 +11,24 @@ from transfer_lab.report import main, report
 
 
 def fake_result(path, strategy, seed, acc, budget=10, status="ok", extra=None, model="convnet",
-                trainer=None, metrics=None, source_data=None):
+                trainer=None, metrics=None, source_data=None, config=None, choices=None):
     """A results.json as run.py writes it (only the fields the report reads, plus noise).
-    ``metrics`` replaces ``{"test/acc": acc}``; ``source_data`` adds a source data choice."""
+    ``metrics`` replaces ``{"test/acc": acc}``; ``source_data`` adds a source data choice;
+    ``config`` / ``choices`` add top-level config keys / config-group choices."""
     cfg = {"seed": seed, "store_dir": f"/tmp/store{seed}",
            "strategy": {"_target_": f"transfer_lab.strategies.{strategy}.X"},
            "source": {"epochs": 2, "model": {"_target_": model},
                       **({"data": {"_target_": source_data}} if source_data else {})},
            "target": {"epochs": 5, "data": {"samples_per_class": budget, "classes": [5, 6]}},
-           **({"trainer": trainer} if trainer is not None else {})}
+           **({"trainer": trainer} if trainer is not None else {}), **(config or {})}
     choices = {"strategy": strategy, "model@source.model": model, "task": None,
-               **({"data@source.data": source_data} if source_data else {})}
+               **({"data@source.data": source_data} if source_data else {}), **(choices or {})}
     res = {"status": status, "strategy": strategy, "seed": seed, "config": cfg, "choices": choices,
            "metrics": metrics or {"test/acc": acc}, "source": {"test/acc": 0.9},
            "params": {"trainable": 100 if strategy != "linear_probe" else 10, "total": 100},
            "timings": {"total_s": 2.0}, **(extra or {})}
     if status != "ok":
-        res["error"] = "RuntimeError: boom"
+        res.update(error="RuntimeError: boom\n  a second line the report must not print", stage="target")
         del res["metrics"]
     path.mkdir(parents=True)
     (path / "results.json").write_text(json.dumps(res))
@@ -66,15 +67,31 @@ def test_groups_by_strategy_and_budget_not_seed(tmp_path):
     assert all((out / f).read_bytes()[:4] == b"\x89PNG" for f in ("acc_vs_budget.png", "bars_budget_5.png"))
 
 
-def test_failed_and_incomplete_cells_are_listed_not_dropped(tmp_path, capsys):
+def test_failed_cells_are_counted_and_listed_apart_from_incomplete_ones(tmp_path, capsys):
     fake_result(tmp_path / "0", "scratch", 0, 0.5)
     fake_result(tmp_path / "1", "finetune", 0, 0.0, status="failed")
+    source_nan = {"status": "failed", "stage": "source", "error": "FloatingPointError: non-finite loss"}
+    (tmp_path / "3").mkdir()
+    (tmp_path / "3" / "results.json").write_text(json.dumps(source_nan))
     (tmp_path / "2" / ".hydra").mkdir(parents=True)  # a job killed before writing results.json
-    main([str(tmp_path), "--out", str(tmp_path / "elsewhere"), "--no-plots"])
+    fake_result(tmp_path / "4", "finetune", 1, 0.0, status="running")  # killed mid-run
+    assert main([str(tmp_path), "--out", str(tmp_path / "elsewhere"), "--no-plots"]) == 0
     printed = capsys.readouterr().out
-    assert "| scratch |" in printed and "Failed or incomplete cells (2)" in printed
-    assert "failed (RuntimeError: boom)" in printed and "incomplete (no results.json)" in printed
+    assert printed.startswith("**Cells:** 1 ok, 2 failed, 2 incomplete.")
+    assert "| scratch |" in printed and "Failed cells (2), not in the tables:" in printed
+    assert f"`{tmp_path / '1'}`: failed in the target stage: RuntimeError: boom\n" in printed
+    assert "a second line" not in printed
+    assert f"`{tmp_path / '3'}`: failed in the source stage: FloatingPointError: non-finite loss" in printed
+    incomplete = printed.split("Incomplete cells (2), not in the tables:")[1]
+    assert "incomplete (no results.json)" in incomplete and "running (the run did not finish: no final results)" in incomplete
+    assert ": failed" not in incomplete
     assert (tmp_path / "elsewhere" / "report.md").exists() and not (tmp_path / "report").exists()
+
+
+def test_a_missing_directory_exits_2_with_one_line(tmp_path, capsys):
+    assert main([str(tmp_path / "nope")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "nope: no such directory" in err
 
 
 def test_a_varying_setting_becomes_a_column_and_gain_matches_it(tmp_path):
@@ -92,10 +109,6 @@ def test_a_varying_setting_becomes_a_column_and_gain_matches_it(tmp_path):
     assert gains["convnet"] == pytest.approx(0.1) and gains["lenet"] == pytest.approx(-0.05)
 
 
-def test_ci_needs_two_seeds():
-    assert math.isnan(ci95(float("nan"), 1)) and ci95(1.0, 100) == pytest.approx(0.196)
-
-
 def test_a_key_missing_from_older_results_does_not_split_groups(tmp_path):
     # results written before a config key existed (trainer.callbacks) pool with the newer ones;
     # a null budget (all labels) is a value of its own
@@ -108,22 +121,25 @@ def test_a_key_missing_from_older_results_does_not_split_groups(tmp_path):
     assert "| scratch | all | 0.6000 ± 0.1414 | 2 |" in res["markdown"]
 
 
-OLD_COLUMNS = ["strategy", "target.data.samples_per_class", "n", "seeds", "acc_mean", "acc_std",
-               "acc_ci95", "source_acc", "trainable", "time_s", "gain_vs_scratch", "negative_transfer"]
+BASE_COLUMNS = ["strategy", "target.data.samples_per_class", "n", "seeds", "acc_mean", "acc_std",
+                "acc_ci95", "source_acc", "trainable", "time_s", "converged", "gain_vs_scratch",
+                "negative_transfer", "paired_diff_mean", "paired_diff_ci95", "wins", "n_pairs", "p_value",
+                "significant", "p_method"]
 
 
-def test_old_results_give_exactly_the_old_columns(tmp_path):
+def test_old_results_give_the_base_columns_only(tmp_path):
     for seed in (0, 1):
         fake_result(tmp_path / f"s{seed}", "scratch", seed, 0.5 + 0.1 * seed)
         fake_result(tmp_path / f"f{seed}", "finetune", seed, 0.7 + 0.1 * seed)
     res = report(tmp_path, plot=False)
-    assert list(res["table"].columns) == OLD_COLUMNS
-    assert list(pd.read_csv(tmp_path / "report" / "report.csv").columns) == OLD_COLUMNS
+    assert list(res["table"].columns) == [*BASE_COLUMNS, "_baseline_converged"]  # internal: not in the CSV
+    assert list(pd.read_csv(tmp_path / "report" / "report.csv").columns) == BASE_COLUMNS
     assert res["per_class"] is None and res["ranking"] is None and not res["problems"]
     assert {p.name for p in (tmp_path / "report").iterdir()} == {"report.md", "report.csv"}
-    assert res["markdown"].splitlines()[0] == (
+    assert res["markdown"].split("\n\n")[2].splitlines()[0] == (
         "| strategy | labels/class | test/acc mean ± std | n | seeds | 95% CI | gain vs scratch "
-        "| source acc | trainable params | time (s) |")
+        "| paired diff vs scratch (95% CI) | wins | p (Wilcoxon) | source acc | trainable params | time (s) |")
+    assert "Convergence: not recorded by these results" in res["markdown"]
     assert "Per-class" not in res["markdown"] and "Transferability" not in res["markdown"]
 
 
@@ -234,9 +250,9 @@ def test_regression_results_get_an_r2_table(tmp_path):
     assert t.loc["scratch", "rmse_mean"] == pytest.approx(0.85)
     assert t.loc["finetune", "gain_vs_scratch"] == pytest.approx(0.2)
     assert t.loc["finetune", "source_r2"] == pytest.approx(0.95)
-    assert "| finetune | 10 | 0.7500 ± 0.0707 | 2 | 0,1 | ± 0.6353 | 0.5000 | 0.2000 | 0.9500 |" \
-        in res["markdown"]
-    assert res["markdown"].startswith("| strategy | labels/class | test/r2 mean ± std |")
+    assert "| finetune | 10 | 0.7500 ± 0.0707 | 2 | 0,1 | ± 0.6353 | 0.5000 | 0.2000 | +0.2000 ± 0.0000 " \
+        "significant | 2/2 | 0.5000 | 0.9500 |" in res["markdown"]
+    assert "| strategy | labels/class | test/r2 mean ± std |" in res["markdown"]
     assert {p.name for p in (tmp_path / "report").iterdir()} == {
         "report.md", "report.csv", "r2_vs_budget.png", "r2_bars_budget_10.png"}
     assert list(pd.read_csv(tmp_path / "report" / "report.csv")["r2_mean"]) == pytest.approx([0.55, 0.75])

@@ -87,7 +87,7 @@ def read_cell(path: Path) -> Cell | dict[str, Any]:
     if status == "failed":
         return problem(path.parent, "failed", one_line(res.get("error", "?")), res.get("stage"))
     if status != "ok":
-        return problem(path.parent, status, "the run did not finish (no final results)")
+        return problem(path.parent, status, "the run did not finish: no final results")
     if headline(res.get("metrics") or {}) is None:
         return problem(path.parent, "no metric", "status ok but no test/acc or test/r2")
     return Cell(path.parent, res, group_keys_of(res))

@@ -33,13 +33,16 @@ def effective_labels(budgets: np.ndarray, curve: np.ndarray, acc: float) -> tupl
     """Labels per class at which the monotone ``curve`` reaches ``acc`` (log-linear between
     budgets; the smallest such budget on a flat stretch) and the bound: ``""`` inside the range,
     ``">"`` above it (value = max budget), ``"<"`` below it (value = min budget)."""
-    if acc > curve[-1]:
+    # the isotonic fit averages pooled points: 0.65 may come back as 0.6499999999999999
+    close = np.isclose(curve, acc, rtol=0, atol=1e-12)
+    reached = (curve >= acc) | close
+    if not reached.any():
         return float(budgets[-1]), ">"
-    if acc < curve[0]:
-        return float(budgets[0]), "<"
-    i = int(np.argmax(curve >= acc))  # first budget whose fitted accuracy reaches acc
-    if i == 0 or curve[i] == acc:
+    i = int(np.argmax(reached))  # the first budget whose fitted accuracy reaches acc
+    if close[i]:
         return float(budgets[i]), ""
+    if i == 0:
+        return float(budgets[0]), "<"
     lo, hi = math.log(budgets[i - 1]), math.log(budgets[i])
     frac = (acc - curve[i - 1]) / (curve[i] - curve[i - 1])
     return float(math.exp(lo + frac * (hi - lo))), ""
