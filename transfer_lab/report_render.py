@@ -84,7 +84,7 @@ def convergence_footnote(cells: pd.DataFrame) -> str:
     bad = cells[cells["cell_converged"].map(lambda v: isinstance(v, (bool, np.bool_)) and not v)]
     if bad.empty:
         return ""
-    lines = [f"{MARK} Not converged ({len(bad)} cells): a mean marked {MARK} includes cells whose "
+    lines = [f"{MARK} Not converged ({len(bad)} cell{'s' * (len(bad) != 1)}): a mean marked {MARK} includes cells whose "
              "training had not converged (`convergence.converged: false`); read it as unfinished, "
              "not as the strategy's result.", ""]
     for _, c in bad.iterrows():

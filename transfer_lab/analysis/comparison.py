@@ -55,7 +55,7 @@ def protocol_markdown(comparison: dict | None, root: Path, tuning_trials: int = 
     if comparison is None:
         return ("**Hyperparameters: untuned.** No `comparison.json` in this directory: every cell ran "
                 "at its configured values — the YAML defaults of `conf/strategy/` and `conf/optimizer/`, "
-                "unless a column above varies them. A strategy's score may reflect its defaults more "
+                "unless a column of the table varies them. A strategy's score may reflect its defaults more "
                 "than the method.\n")
     p = comparison["protocol"]
     lines = ["## Protocol", "", "Each strategy tuned with the same number of Optuna trials on the "
