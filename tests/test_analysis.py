@@ -10,8 +10,8 @@ import torch
 from conftest import compose_cfg
 from transfer_lab.analysis import (cka_matrix, kendall_tau, leep, linear_cka, logme, relative_drift,
                                    transferability)
-from transfer_lab.analysis.runs import run_labels
-from transfer_lab.analysis.summary import rank_summary
+from transfer_lab.analysis.aggregate import labels as run_labels
+from transfer_lab.analysis.summary import group, metrics_table, rank_summary
 from transfer_lab.analysis.transferability import logme_column, logme_evidence
 from transfer_lab.analyze import main as analyze_main
 from transfer_lab.data import SyntheticData
@@ -149,12 +149,32 @@ def test_rank_summary_groups_sources_over_seeds():
                             "config": {"seed": seed, "source": {"model": {"_target_": model}}},
                             "metrics": {"test/acc": acc + 0.01 * seed}})
             scores.append({"logme": s, "leep": -s})
-    assert run_labels(results)[:2] == ["model@source.model=convnet", "model@source.model=lenet"]
+    assert run_labels(results)[:2] == ["source.model=convnet", "source.model=lenet"]
     out = rank_summary(results, scores)
     assert len(out["rows"]) == 3 and all(r["n"] == 2 for r in out["rows"])
     assert out["tau_of_means"]["logme"] == pytest.approx(1 / 3)
     assert out["tau_of_means"]["leep"] == pytest.approx(-1 / 3)
     assert out["tau_per_seed"][1]["logme"] == pytest.approx(1 / 3)
+
+
+@pytest.mark.parametrize("vary, groups", [
+    ({"logger": ["csv", "tensorboard"]}, ["all"]),         # NON_RESULT_KEYS never split a group
+    ({"store_dir": ["/a", "/b"]}, ["all"]),
+    ({"lr": [0.1, 0.01]}, ["lr=0.01", "lr=0.1"]),          # a result-changing key does
+])
+def test_analysis_groups_as_the_report_does(vary, groups):
+    (key, values), = vary.items()
+    results = [{"seed": seed, "strategy": "finetune", "config": {"seed": seed, key: v},
+                "choices": {"strategy": "finetune", **({key: v} if key == "logger" else {})}}
+               for v in values for seed in (0, 1)]
+    items = [{"acc": 0.5, "balanced_acc": 0.5, "per_class_acc": [0.5]} for _ in results]
+    assert sorted(group(results, items)) == groups
+
+
+def test_one_seed_has_no_spread_in_analysis_tables_either():
+    results = [{"seed": 0, "strategy": "finetune", "config": {"seed": 0}, "choices": {}}]
+    table = metrics_table(group(results, [{"acc": 0.5, "balanced_acc": 0.25, "per_class_acc": [0.5]}]))
+    assert "| all | 1 | 0.500 ± — | 0.250 ± — | 0.50 |" in table
 
 
 # --- analyze on finished runs --------------------------------------------------------------------------
