@@ -6,7 +6,6 @@ import math
 import pandas as pd
 import pytest
 
-from transfer_lab.analysis.aggregate import ci95
 from transfer_lab.report import main, report
 
 

@@ -36,8 +36,7 @@ from transfer_lab.analysis.aggregate import (converged_label, describe, mean_std
                                              ordered, varying_keys)
 from transfer_lab.analysis.breakdowns import SCORES, has, per_class_table, ranking_table
 from transfer_lab.analysis.collect import METRICS, headline
-from transfer_lab.analysis.comparison import (is_tuning_trial, protocol_markdown, read_comparison,
-                                               tuned_markdown)
+from transfer_lab.analysis.comparison import is_tuning_trial, protocol_markdown, read_comparison
 from transfer_lab.analysis.effective_labels import effective_table
 from transfer_lab.analysis.paired import add_paired, match_baseline
 from transfer_lab.analysis.report_plots import effective_plot, plots
@@ -45,7 +44,8 @@ from transfer_lab.errors import ConfigError
 from transfer_lab.io import atomic_write_text
 from transfer_lab.report_render import (convergence_footnote, convergence_unrecorded,
                                         effective_markdown, markdown, paired_note, per_class_markdown,
-                                        problems_markdown, ranking_markdown, summary_line)
+                                        problems_markdown, ranking_markdown, summary_line,
+                                        tuned_markdown)
 
 __all__ = ["collect", "headline", "key_columns", "main", "report", "summarise"]
 BUDGET = "target.data.samples_per_class"

@@ -130,6 +130,24 @@ def ranking_markdown(table: pd.DataFrame, ctx: list[str], m: str = "acc") -> str
     return "\n".join(lines) + "\n"
 
 
+def tuned_markdown(comparison: dict, table: Any, keys: list[str], m: str) -> str:
+    """Each strategy's tuned hyperparameters beside its test score (one line per table group)."""
+    objective = comparison["protocol"].get("objective", "validation metric")
+    head = [*key_names(keys), f"test/{m} mean ± std", "tuned hyperparameters", f"best {objective}", "trials"]
+    lines = ["## Tuned hyperparameters", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for _, r in table.iterrows():
+        s = comparison["strategies"].get(str(r["strategy"]))
+        tuned = [params_text(s["best_params"]), fmt(s.get("best_value")),
+                 str(s.get("trials", "—"))] if s else ["not tuned (YAML defaults)", "—", "—"]
+        lines.append("| " + " | ".join([*key_cells(r, keys),
+                                         pm(r[f"{m}_mean"], r[f"{m}_std"]), *tuned]) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def params_text(params: dict[str, Any]) -> str:
+    return ", ".join(f"`{k}={v}`" for k, v in sorted(params.items())) or "(defaults)"
+
+
 def summary_line(counts: dict[str, int]) -> str:
     tuning = f"; {counts['tuning']} tuning trials (not tabulated)" if counts.get("tuning") else ""
     return (f"**Cells:** {counts['ok']} ok, {counts['failed']} failed, {counts['incomplete']} "

@@ -12,7 +12,6 @@ import json
 from pathlib import Path
 from typing import Any
 
-from transfer_lab.analysis.aggregate import fmt, pm
 from transfer_lab.errors import ConfigError
 
 FILE = "comparison.json"
@@ -46,10 +45,6 @@ def is_tuning_trial(result: dict) -> bool:
     return bool((result.get("choices") or {}).get("hparams_search"))
 
 
-def params_text(params: dict[str, Any]) -> str:
-    return ", ".join(f"`{k}={v}`" for k, v in sorted(params.items())) or "(defaults)"
-
-
 def protocol_markdown(comparison: dict | None, root: Path, tuning_trials: int = 0) -> str:
     """The protocol block (``comparison.json`` present) or the statement that nothing was tuned."""
     if comparison is None:
@@ -66,18 +61,4 @@ def protocol_markdown(comparison: dict | None, root: Path, tuning_trials: int = 
     if tuning_trials:
         lines += ["", f"{tuning_trials} tuning trial cells (`hparams_search=`) below {root} are not in "
                       "the tables: their seed is the tuning seed."]
-    return "\n".join(lines) + "\n"
-
-
-def tuned_markdown(comparison: dict, table: Any, keys: list[str], m: str) -> str:
-    """Each strategy's tuned hyperparameters beside its test score (one line per table group)."""
-    objective = comparison["protocol"].get("objective", "validation metric")
-    head = [*keys, f"test/{m} mean ± std", "tuned hyperparameters", f"best {objective}", "trials"]
-    lines = ["## Tuned hyperparameters", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for _, r in table.iterrows():
-        s = comparison["strategies"].get(str(r["strategy"]))
-        tuned = [params_text(s["best_params"]), fmt(s.get("best_value")),
-                 str(s.get("trials", "—"))] if s else ["not tuned (YAML defaults)", "—", "—"]
-        lines.append("| " + " | ".join([*(str(r[k]) for k in keys),
-                                         pm(r[f"{m}_mean"], r[f"{m}_std"]), *tuned]) + " |")
     return "\n".join(lines) + "\n"

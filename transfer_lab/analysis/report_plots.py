@@ -67,6 +67,7 @@ def effective_plot(eff: pd.DataFrame, keys: list[str], path: Path) -> Path:
     labels per class, one line per strategy/setting, log-log, with y = x (no transfer). Points
     outside scratch's range sit at its end, as triangles pointing away (▲ more, ▼ fewer)."""
     import matplotlib
+    import matplotlib.ticker
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -74,18 +75,25 @@ def effective_plot(eff: pd.DataFrame, keys: list[str], path: Path) -> Path:
     fig, ax = plt.subplots(figsize=(5.6, 4.6))
     e = eff.assign(series=[series_label(r, keys) for _, r in eff.iterrows()],
                    real=pd.to_numeric(eff[BUDGET]))
-    for name, s in e.groupby("series", sort=False):
+    for i, (name, s) in enumerate(e.groupby("series", sort=False)):
         s = s.sort_values("real")
         inside = s[s["bound"] == ""]
         line = ax.plot(inside["real"], inside["effective_labels"], marker="o", label=name)[0]
         for bound, marker in ((">", "^"), ("<", "v")):
             out = s[s["bound"] == bound]
-            ax.scatter(out["real"], out["effective_labels"], marker=marker, color=line.get_color())
+            # series share the bound's value: nudge each a little so none hides another
+            ax.scatter(out["real"] * 1.04 ** i, out["effective_labels"], marker=marker, color=line.get_color())
     lo = min(e["real"].min(), e["effective_labels"].min()) / 1.5
     hi = max(e["real"].max(), e["effective_labels"].max()) * 1.5
     ax.plot([lo, hi], [lo, hi], color="black", linestyle="--", label="y = x (no transfer)")
     ax.set(xscale="log", yscale="log", xlim=(lo, hi), ylim=(lo, hi),
-           xlabel="labels per class (real)", ylabel="labels per class scratch would need")
+           xlabel="labels per class (real)", ylabel="labels per class scratch would need",
+           title="▲/▼: beyond scratch's largest / below its smallest budget")
+    ticks = sorted(e["real"].unique())
+    for axis in (ax.xaxis, ax.yaxis):
+        axis.set_major_locator(matplotlib.ticker.FixedLocator(ticks))
+        axis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
+        axis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=7)
     return save_fig(fig, path)
