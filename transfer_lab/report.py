@@ -144,7 +144,9 @@ def write_report(root: Path, out: Path, sections: dict[str, dict], problems: lis
                  counts: dict[str, int], comparison: dict | None, baseline: str,
                  plot: bool) -> tuple[str, list[Path]]:
     """report.md and the CSVs (plots when ``plot``) in ``out``; returns the markdown and the files."""
-    parts = [summary_line(counts), protocol_markdown(comparison, root, counts["tuning"])]
+    parts = [summary_line(counts)]
+    if sections or comparison is not None:  # "untuned" says nothing when nothing finished
+        parts.append(protocol_markdown(comparison, root, counts["tuning"]))
     files: list[Path] = []
     if not sections:
         parts.insert(0, f"No finished runs under {root}.\n")
