@@ -11,6 +11,8 @@ matplotlib.use("Agg")  # files only; no display on the machines this runs on
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from transfer_lab.analysis.report_plots import save_fig  # noqa: E402
+
 
 def _short(path: str) -> str:
     return path.removeprefix("backbone.")
@@ -62,17 +64,13 @@ def save_run_figures(result: dict, out_dir: Path) -> dict[str, str]:
         im = heatmap(ax, cka["matrix"], cka["source_layers"], cka["target_layers"],
                      f"linear CKA, {result['strategy']} seed {result['seed']}")
         fig.colorbar(im, ax=ax, fraction=0.046)
-        fig.tight_layout()
-        fig.savefig(out_dir / "cka.png", dpi=110)
-        plt.close(fig)
+        save_fig(fig, out_dir / "cka.png", dpi=110)
         files["cka"] = "cka.png"
     if result.get("drift") and any(v is not None for v in result["drift"].values()):
         fig, ax = plt.subplots(figsize=(4.5, 3))
         drift_bars(ax, result["drift"], f"drift, {result['strategy']} seed {result['seed']}",
                    bn=result.get("bn_stats_drift"))
-        fig.tight_layout()
-        fig.savefig(out_dir / "drift.png", dpi=110)
-        plt.close(fig)
+        save_fig(fig, out_dir / "drift.png", dpi=110)
         files["drift"] = "drift.png"
     return files
 
@@ -90,10 +88,7 @@ def save_summary_figure(groups: dict[str, dict], path: Path) -> None:
     top = max([ax.get_ylim()[1] for ax in axes[1]])
     for ax in axes[1]:  # one scale, so the strategies compare at a glance
         ax.set_ylim(0, top)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save_fig(fig, path, dpi=100)
 
 
 def save_rank_figure(rows: list[dict], path: Path, taus: dict[str, float]) -> None:
@@ -107,7 +102,4 @@ def save_rank_figure(rows: list[dict], path: Path, taus: dict[str, float]) -> No
         ax.set_xlabel(score)
         ax.set_ylabel("target test acc after fine-tuning")
         ax.set_title(f"{score}: Kendall τ = {taus[score]:.2f}", fontsize=9)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save_fig(fig, path, dpi=100)

@@ -99,14 +99,15 @@ def effective_plot(eff: pd.DataFrame, keys: list[str], path: Path) -> Path:
     return save_fig(fig, path)
 
 
-def save_fig(fig: Any, path: Path) -> Path:
+def save_fig(fig: Any, path: Path, dpi: int = 90) -> Path:
+    """Write ``fig`` as a PNG atomically (a killed run never leaves half a figure) and close it."""
     import io
 
     import matplotlib.pyplot as plt
 
     buf = io.BytesIO()
     fig.tight_layout()
-    fig.savefig(buf, format="png", dpi=90)
+    fig.savefig(buf, format="png", dpi=dpi)
     plt.close(fig)
     atomic_write_bytes(path, buf.getvalue())
     return path
