@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
+from transfer_lab.data.checks import read_npz, require_int
 from transfer_lab.data.datamodule import TransferDataModule
 from transfer_lab.errors import ConfigError
 
@@ -69,23 +70,13 @@ class NpzData(TransferDataModule):
     def allows_hflip(self) -> bool:
         return self.hflip
 
-    def _read(self, path: str, which: str):
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"{self.key}.{which}={path}: no such file (expected an .npz "
-                              "with arrays x uint8 and y int64)")
-        with np.load(p, allow_pickle=False) as z:
-            missing = {"x", "y"} - set(z.files)
-            if missing:
-                raise ConfigError(f"{self.key}.{which}={path}: missing array(s) {sorted(missing)}")
-            x, y = z["x"], z["y"]
-        if x.dtype != np.uint8 or x.ndim not in (3, 4) or len(x) != len(y):
-            raise ConfigError(f"{self.key}.{which}={path}: x must be uint8 N×H×W[×3] with one "
-                              f"label per image; got x {x.dtype} {x.shape}, y {y.shape}")
-        return x, y.astype(np.int64)
+    def describe(self, split: str) -> str:
+        return f"{self.key}.{split}_file={getattr(self, f'{split}_file')}"
 
     def load_arrays(self):
-        return (*self._read(self.train_file, "train_file"), *self._read(self.test_file, "test_file"))
+        train, test = (read_npz(getattr(self, f"{s}_file"), self.describe(s), ("x", "y"))
+                       for s in ("train", "test"))
+        return train["x"], train["y"], test["x"], test["y"]
 
 
 class EmbeddedMNIST(TransferDataModule):
