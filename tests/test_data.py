@@ -108,7 +108,7 @@ def test_npz_source_and_its_errors(tmp_path):
     with pytest.raises(ConfigError, match="train_file=.*nope.npz: no such file"):
         NpzData(str(tmp_path / "nope.npz"), str(tmp_path / "te.npz")).prepare()
     np.savez(tmp_path / "bad.npz", x=x.astype(np.float32), y=y)
-    with pytest.raises(ConfigError, match="x must be uint8"):
+    with pytest.raises(ConfigError, match="bad.npz: x is float32; expected uint8"):
         NpzData(str(tmp_path / "bad.npz"), str(tmp_path / "te.npz")).prepare()
 
 

@@ -320,5 +320,5 @@ def _select(x: np.ndarray, y: np.ndarray, keep: list[int]) -> tuple[np.ndarray, 
 def _channel_stats(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     xf = x[:20000].float().div_(255.0)
     # one pixel in all has no spread (std is NaN): 1 leaves it merely centred
-    std = xf.std(dim=(0, 2, 3)).nan_to_num(1.0) if xf[:, 0].numel() > 1 else torch.ones(xf.shape[1])
+    std = xf.std(dim=(0, 2, 3)) if xf[:, 0].numel() > 1 else torch.ones(xf.shape[1])
     return xf.mean(dim=(0, 2, 3)), std.clamp_min(1e-3)

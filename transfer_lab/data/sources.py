@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from transfer_lab.data.checks import read_npz, require_int
+from transfer_lab.data.checks import is_int, read_npz, require_int, require_number
 from transfer_lab.data.datamodule import TransferDataModule
 from transfer_lab.errors import ConfigError
 
@@ -35,6 +35,9 @@ class TorchvisionData(TransferDataModule):
 
     def allows_hflip(self) -> bool:
         return TORCHVISION[self.dataset][1]
+
+    def describe(self, split: str) -> str:
+        return f"{self.key}.dataset={self.dataset} ({split} split under {self.root})"
 
     def _load(self, train: bool):
         import torchvision
@@ -88,6 +91,9 @@ class EmbeddedMNIST(TransferDataModule):
 
     def __init__(self, train_per_class: int = 400, **kwargs) -> None:
         super().__init__(**kwargs)
+        if not (is_int(train_per_class) and 1 <= train_per_class < 500):
+            raise ConfigError(f"{self.key}.train_per_class={train_per_class!r}: must be an integer in "
+                              "1..499 (the file holds 500 images per digit; the rest are the test set)")
         self.train_per_class = train_per_class
 
     def allows_hflip(self) -> bool:
@@ -120,6 +126,11 @@ class SyntheticData(TransferDataModule):
                  n_train: int = 64, n_test: int = 32, noise: float = 0.35, data_seed: int = 0,
                  **kwargs) -> None:
         super().__init__(**kwargs)
+        for name, value in (("num_classes", num_classes), ("n_train", n_train), ("n_test", n_test)):
+            require_int(value, f"{self.key}.{name}", 1)
+        if len(shape) != 3 or shape[0] not in (1, 3) or min(shape[1:]) < 1:
+            raise ConfigError(f"{self.key}.shape={list(shape)}: expected [C, H, W] with C 1 or 3, H, W ≥ 1")
+        require_number(noise, f"{self.key}.noise", 0)
         self.n_classes, self.shape, self.noise = num_classes, tuple(shape), noise
         self.n_train, self.n_test, self.data_seed = n_train, n_test, data_seed
 
