@@ -218,3 +218,37 @@ def test_run_option_out_of_range_is_one_line(overrides, expect):
     with pytest.raises(ConfigError) as e:
         validate_config(compose_cfg(*overrides))
     assert expect in one_line(e)
+
+
+# --- through run(): each fails before the source stage trains (the store stays empty) -------------------
+def _npz_pair(tmp_path: Path, bad: str) -> list[str]:
+    tr = write(tmp_path / "tr.npz", images(n=24, k=3, shape=(16, 16)))
+    te = write(tmp_path / "te.npz", images(n=12, k=3, shape=(16, 16)))
+    if bad == "empty":
+        write(tr, raw=b"")
+    elif bad == "unseen":  # the test file holds classes 5..7 only
+        write(te, {"x": images(n=12, shape=(16, 16))["x"], "y": 5 + np.arange(12) % 3})
+    return ["data@target.data=npz", f"target.data.train_file={tr}", f"target.data.test_file={te}"]
+
+
+@pytest.mark.parametrize("overrides, expect", [
+    (["target.data.eval_batch_size=0"], "target.data.eval_batch_size=0: must be an integer ≥ 1"),
+    (["source.data.batch_size=-1"], "source.data.batch_size=-1: must be an integer ≥ 1"),
+    (["target.data.image_size=0"], "target.data.image_size=0"),
+    (["target.optimizer.lr=nan"], "target.optimizer.lr=nan"),
+    (["source.optimizer.lr=inf"], "source.optimizer.lr=inf"),
+    (["source.model.channels=[-8,16]"], "source.model.channels=[-8, 16]"),
+    ("empty", "the file is empty"),
+    ("unseen", "test label(s) [5, 6, 7] never occur in the training data"),
+])
+def test_bad_input_through_run_fails_before_the_source_trains(tmp_path, overrides, expect):
+    from transfer_lab.run import run
+
+    if isinstance(overrides, str):
+        overrides = _npz_pair(tmp_path, overrides)
+    store = tmp_path / "store"
+    cfg = compose_cfg("source.epochs=1", "target.epochs=1", *overrides, store=store)
+    with pytest.raises(ConfigError) as e:
+        run(cfg, tmp_path / "out")
+    assert expect in one_line(e)
+    assert not store.exists() or not any(store.rglob("*.safetensors")) and not any(store.rglob("manifest.json"))
