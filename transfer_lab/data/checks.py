@@ -179,21 +179,20 @@ def check_images(x: Any, y: Any, where: str) -> tuple[np.ndarray, np.ndarray]:
 
 # --- tables --------------------------------------------------------------------------------------------
 def check_table(x: Any, y: Any, where: str) -> tuple[np.ndarray, np.ndarray]:
-    """An npz regression table: x numeric ``N×D`` (``N`` reads as ``N×1``), y numeric ``N`` or ``N×1``."""
+    """An npz regression table: x numeric ``N×D`` (``N×…`` is flattened), y numeric ``N`` or ``N×1``."""
     x, y = np.asarray(x), np.asarray(y)
     for name, a in (("x", x), ("y", y)):
         if a.dtype.kind not in "iuf":
             raise ConfigError(f"{where}: {name} is {a.dtype}; expected numbers")
-    if x.ndim == 1:
-        x = x[:, None]
-    if x.ndim != 2 or x.shape[1] == 0:
+    if x.ndim == 0 or 0 in x.shape[1:]:
         raise ConfigError(f"{where}: x has shape {x.shape}; expected N rows × D features")
+    if len(x) == 0:
+        raise ConfigError(f"{where}: no rows (x has shape {x.shape})")
+    x = x.reshape(len(x), -1)  # N×D, or N×… flattened (as before); N reads as N×1
     if y.ndim == 2 and y.shape[1] == 1:
         y = y[:, 0]
     if y.ndim != 1:
         raise ConfigError(f"{where}: y has shape {y.shape}; expected one target per row, shape (N,)")
-    if len(x) == 0:
-        raise ConfigError(f"{where}: no rows (x has shape {x.shape})")
     if len(x) != len(y):
         raise ConfigError(f"{where}: {len(x)} rows of x but {len(y)} targets; one each")
     x, y = x.astype(np.float64), y.astype(np.float64)

@@ -92,6 +92,7 @@ class TransferDataModule(L.LightningDataModule):
         xtr, ytr, xte, yte = self.load_arrays()
         xtr, ytr = check_images(xtr, ytr, self.describe("train"))
         xte, yte = check_images(xte, yte, self.describe("test"))
+        self._check_shapes(xtr, xte)
         keep = self._check_classes(ytr)
         self._check_test_labels(yte, keep)
         xtr, ytr = _select(xtr, ytr, keep)
@@ -138,6 +139,17 @@ class TransferDataModule(L.LightningDataModule):
             raise ConfigError(f"{self.key}.classes={self.classes}: repeated class")
         self.class_names = list(self.classes)
         return self.class_names
+
+    def _check_shapes(self, xtr: np.ndarray, xte: np.ndarray) -> None:
+        """Training and test images of one shape, unless channels/image_size bring both to one."""
+        def native(x: np.ndarray) -> tuple[int, ...]:
+            return (x.shape[3] if x.ndim == 4 else 1, *x.shape[1:3])
+
+        (ctr, *hw_tr), (cte, *hw_te) = native(xtr), native(xte)
+        if (self.channels is None and ctr != cte) or (self.image_size is None and hw_tr != hw_te):
+            raise ConfigError(f"{self.describe('test')}: test images are {cte}×{'×'.join(map(str, hw_te))}, "
+                              f"training images {ctr}×{'×'.join(map(str, hw_tr))}; set {self.key}.channels "
+                              f"and {self.key}.image_size to bring both to one shape")
 
     def _check_test_labels(self, y: np.ndarray, keep: list[int]) -> None:
         """Test labels ⊆ training labels (after class selection), and at least one test image."""
