@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from conftest import compose_cfg
-from transfer_lab.data import NpzData, SyntheticData
+from transfer_lab.data import EmbeddedMNIST, NpzData, SyntheticData
 from transfer_lab.data.tables import TableData
 from transfer_lab.errors import ConfigError
 from transfer_lab.validate import validate_config
@@ -201,6 +201,20 @@ def test_data_option_out_of_range_fails_at_construction(option, value, expect):
 def test_table_option_out_of_range_fails_at_construction(kw, expect):
     with pytest.raises(ConfigError) as e:
         TableData(train_file="embedded:boston_housing", key="target.data", **kw)
+    assert expect in one_line(e)
+
+
+@pytest.mark.parametrize("make, expect", [
+    (lambda: EmbeddedMNIST(train_per_class=500, key="source.data"), "source.data.train_per_class=500: must be an integer in 1..499"),
+    (lambda: EmbeddedMNIST(train_per_class=0, key="source.data"), "source.data.train_per_class=0"),
+    (lambda: SyntheticData(n_train=0, key="source.data"), "source.data.n_train=0: must be an integer ≥ 1"),
+    (lambda: SyntheticData(num_classes=0, key="source.data"), "source.data.num_classes=0"),
+    (lambda: SyntheticData(shape=(2, 8, 8), key="source.data"), "source.data.shape=[2, 8, 8]: expected [C, H, W]"),
+    (lambda: SyntheticData(noise=float("nan"), key="source.data"), "source.data.noise=nan"),
+])
+def test_source_specific_options_out_of_range_fail_at_construction(make, expect):
+    with pytest.raises(ConfigError) as e:
+        make()
     assert expect in one_line(e)
 
 
