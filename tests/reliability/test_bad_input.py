@@ -266,3 +266,22 @@ def test_bad_input_through_run_fails_before_the_source_trains(tmp_path, override
         run(cfg, tmp_path / "out")
     assert expect in one_line(e)
     assert not store.exists() or not any(store.rglob("*.safetensors")) and not any(store.rglob("manifest.json"))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("bad", ["lr", "empty"])
+def test_command_line_exits_2_with_one_line_and_trains_nothing(tmp_path, bad):
+    import os
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    args = ["target.optimizer.lr=nan"] if bad == "lr" else _npz_pair(tmp_path, "empty")
+    env = {**os.environ, "TRANSFER_LAB_STORE": str(tmp_path / "store")}
+    proc = subprocess.run([sys.executable, "-m", "transfer_lab.train", f"hydra.run.dir={tmp_path}/r",
+                           "data@source.data=synthetic", "model@source.model=tiny_cnn", *args],
+                          capture_output=True, text=True, env=env, cwd=ROOT)
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert proc.returncode == 2 and len(lines) == 1, proc.stderr
+    assert lines[0].startswith("error: target.") and not (tmp_path / "store").exists()
