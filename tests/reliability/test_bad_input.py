@@ -49,7 +49,8 @@ BAD_TRAIN = {
     "text file": (lambda p: write(p, raw=b"x,y\n1,2\n"), "not a readable .npz"),
     "truncated zip": (lambda p: write(p, raw=b"PK\x03\x04" + b"\0" * 20), "not a readable .npz"),
     "bare npy": (_npy, "holds a single .npy array, not an archive"),
-    "missing x": (lambda p: write(p, {"images": images()["x"], "y": images()["y"]}), "missing array(s) ['x'] (found ['images', 'y'])"),
+    "missing x": (lambda p: write(p, {"images": images()["x"], "y": images()["y"]}),
+                  "missing array(s) ['x'] (found ['images', 'y'])"),
     "missing y": (lambda p: write(p, {"x": images()["x"]}), "missing array(s) ['y'] (found ['x'])"),
     "object x": (lambda p: write(p, {"x": np.array([[1], "a"], dtype=object), "y": [0, 1]}),
                  "array x cannot be read"),
@@ -205,7 +206,8 @@ def test_table_option_out_of_range_fails_at_construction(kw, expect):
 
 
 @pytest.mark.parametrize("make, expect", [
-    (lambda: EmbeddedMNIST(train_per_class=500, key="source.data"), "source.data.train_per_class=500: must be an integer in 1..499"),
+    (lambda: EmbeddedMNIST(train_per_class=500, key="source.data"),
+     "source.data.train_per_class=500: must be an integer in 1..499"),
     (lambda: EmbeddedMNIST(train_per_class=0, key="source.data"), "source.data.train_per_class=0"),
     (lambda: SyntheticData(n_train=0, key="source.data"), "source.data.n_train=0: must be an integer ≥ 1"),
     (lambda: SyntheticData(num_classes=0, key="source.data"), "source.data.num_classes=0"),

@@ -177,6 +177,30 @@ def check_images(x: Any, y: Any, where: str) -> tuple[np.ndarray, np.ndarray]:
     return x, y
 
 
+def check_shapes(dm: Any, xtr: np.ndarray, xte: np.ndarray) -> None:
+    """Training and test images of one shape, unless channels/image_size bring both to one."""
+    def native(x: np.ndarray) -> tuple[int, ...]:
+        return (x.shape[3] if x.ndim == 4 else 1, *x.shape[1:3])
+
+    (ctr, *hw_tr), (cte, *hw_te) = native(xtr), native(xte)
+    if (dm.channels is None and ctr != cte) or (dm.image_size is None and hw_tr != hw_te):
+        raise ConfigError(f"{dm.describe('test')}: test images are {cte}×{'×'.join(map(str, hw_te))}, "
+                          f"training images {ctr}×{'×'.join(map(str, hw_tr))}; set {dm.key}.channels "
+                          f"and {dm.key}.image_size to bring both to one shape")
+
+
+def check_test_labels(dm: Any, y: np.ndarray, keep: list[int]) -> None:
+    """Test labels ⊆ training labels (after class selection), and at least one test image."""
+    if dm.classes is None:
+        unseen = sorted(set(np.unique(y).tolist()) - set(keep))
+        if unseen:
+            raise ConfigError(f"{dm.describe('test')}: test label(s) {unseen[:5]} never occur in the "
+                              f"training data; use matching files or select classes with {dm.key}.classes")
+    elif not np.isin(y, keep).any():
+        raise ConfigError(f"{dm.key}.classes={dm.classes}: none of these classes occurs in the test data "
+                          f"({dm.describe('test')} has labels {sorted(np.unique(y).tolist())[:10]})")
+
+
 # --- tables --------------------------------------------------------------------------------------------
 def check_table(x: Any, y: Any, where: str) -> tuple[np.ndarray, np.ndarray]:
     """An npz regression table: x numeric ``N×D`` (``N×…`` is flattened), y numeric ``N`` or ``N×1``."""

@@ -9,7 +9,8 @@ import lightning as L
 import numpy as np
 import torch
 
-from transfer_lab.data.checks import check_images, check_options, check_stats
+from transfer_lab.data.checks import (check_images, check_options, check_shapes, check_stats,
+                                     check_test_labels)
 from transfer_lab.data.loader import (BatchLoader, PILDataset, adapt_images, normalize, pil_loader,
                                      pil_transform, random_crop)
 from transfer_lab.errors import ConfigError
@@ -92,9 +93,9 @@ class TransferDataModule(L.LightningDataModule):
         xtr, ytr, xte, yte = self.load_arrays()
         xtr, ytr = check_images(xtr, ytr, self.describe("train"))
         xte, yte = check_images(xte, yte, self.describe("test"))
-        self._check_shapes(xtr, xte)
+        check_shapes(self, xtr, xte)
         keep = self._check_classes(ytr)
-        self._check_test_labels(yte, keep)
+        check_test_labels(self, yte, keep)
         xtr, ytr = _select(xtr, ytr, keep)
         xte, yte = _select(xte, yte, keep)
         tr_idx, val_idx = self._split(ytr)
@@ -139,28 +140,6 @@ class TransferDataModule(L.LightningDataModule):
             raise ConfigError(f"{self.key}.classes={self.classes}: repeated class")
         self.class_names = list(self.classes)
         return self.class_names
-
-    def _check_shapes(self, xtr: np.ndarray, xte: np.ndarray) -> None:
-        """Training and test images of one shape, unless channels/image_size bring both to one."""
-        def native(x: np.ndarray) -> tuple[int, ...]:
-            return (x.shape[3] if x.ndim == 4 else 1, *x.shape[1:3])
-
-        (ctr, *hw_tr), (cte, *hw_te) = native(xtr), native(xte)
-        if (self.channels is None and ctr != cte) or (self.image_size is None and hw_tr != hw_te):
-            raise ConfigError(f"{self.describe('test')}: test images are {cte}×{'×'.join(map(str, hw_te))}, "
-                              f"training images {ctr}×{'×'.join(map(str, hw_tr))}; set {self.key}.channels "
-                              f"and {self.key}.image_size to bring both to one shape")
-
-    def _check_test_labels(self, y: np.ndarray, keep: list[int]) -> None:
-        """Test labels ⊆ training labels (after class selection), and at least one test image."""
-        if self.classes is None:
-            unseen = sorted(set(np.unique(y).tolist()) - set(keep))
-            if unseen:
-                raise ConfigError(f"{self.describe('test')}: test label(s) {unseen[:5]} never occur in the "
-                                  f"training data; use matching files or select classes with {self.key}.classes")
-        elif not np.isin(y, keep).any():
-            raise ConfigError(f"{self.key}.classes={self.classes}: none of these classes occurs in the test "
-                              f"data {self.describe('test')} (test labels: {sorted(np.unique(y).tolist())[:10]})")
 
     def _split(self, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Per class: one seeded permutation. With ``val_per_class`` unset, validation comes first and
