@@ -2,7 +2,8 @@
 
 * ``check_leaf`` / ``validate_config``: every ``_target_`` leaf of a composed config against its
   constructor's signature — unknown keys, values of the wrong type, unresolved ``???`` — plus
-  the run's own scalar keys (seed, epochs, learning rates).
+  the run's own scalar keys (seed, epochs; learning rates finite and > 0), no NaN anywhere, model
+  sizes ≥ 1. Data options are range-checked by the data modules' constructors (data/checks.py).
 * ``check_model_spec`` / ``rebuild_reference`` / ``check_state`` / ``validate_package``: a state
   dict from outside (a knowledge package, a checkpoint) against the model its config rebuilds —
   keys, shapes, dtypes — without trusting the config to name arbitrary code.
