@@ -108,7 +108,7 @@ def test_npz_source_and_its_errors(tmp_path):
     with pytest.raises(ConfigError, match="train_file=.*nope.npz: no such file"):
         NpzData(str(tmp_path / "nope.npz"), str(tmp_path / "te.npz")).prepare()
     np.savez(tmp_path / "bad.npz", x=x.astype(np.float32), y=y)
-    with pytest.raises(ConfigError, match="x must be uint8"):
+    with pytest.raises(ConfigError, match="bad.npz: x is float32; expected uint8"):
         NpzData(str(tmp_path / "bad.npz"), str(tmp_path / "te.npz")).prepare()
 
 
@@ -118,3 +118,90 @@ def test_torchvision_missing_files_names_the_path(tmp_path):
         dm.prepare()
     with pytest.raises(ConfigError, match="dataset='Imagenet'"):
         TorchvisionData("Imagenet", root=str(tmp_path))
+
+
+# --- normalisation override (a pretrained model's own statistics) -----------------------------------
+def test_normalisation_defaults_to_the_dataset_and_is_recorded():
+    dm = synth(shape=(3, 8, 8))
+    s = dm.summary()
+    pool = torch.cat([dm.x_train, dm.x_val]).float() / 255  # no budget: the whole training pool
+    assert s["normalization"] == "dataset"
+    assert np.allclose(s["mean"], pool.mean(dim=(0, 2, 3)).tolist(), atol=1e-5)
+    assert np.allclose(s["std"], pool.std(dim=(0, 2, 3)).tolist(), atol=1e-5)
+
+
+def test_normalisation_override_replaces_the_statistics():
+    mean, std = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]  # ImageNet's, as a timm model declares
+    dm = synth(shape=(3, 8, 8), mean=mean, std=std)
+    x = dm.x_test[:5]
+    expect = (x.float() / 255 - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
+    assert torch.allclose(dm.transform(x, train=False), expect, atol=1e-5)
+    s = dm.summary()
+    assert s["normalization"] == "model" and s["mean"] == mean and s["std"] == std
+
+
+@pytest.mark.parametrize("kw, expect", [
+    (dict(mean=[0.5], std=[0.0]), r"data.std=\[0.0\]: every value must be > 0"),
+    (dict(mean=[0.5], std=[-1.0]), r"data.std=\[-1.0\]: every value must be > 0"),
+    (dict(mean=[float("nan")], std=[1.0]), "data.mean=.*expected a list of finite numbers"),
+    (dict(mean=[0.5], std=[float("inf")]), "data.std=.*expected a list of finite numbers"),
+    (dict(mean=[0.5, 0.5], std=[1.0]), "data.mean has 2 values, data.std 1"),
+    (dict(mean="0.5", std=[1.0]), "data.mean='0.5': expected a list"),
+])
+def test_normalisation_override_is_checked_at_construction(kw, expect):
+    with pytest.raises(ConfigError, match=expect):
+        SyntheticData(**kw)
+
+
+def test_normalisation_override_needs_one_value_per_channel():
+    with pytest.raises(ConfigError, match=r"data.mean/std: 3 values for 1-channel images"):
+        synth(mean=[0.5] * 3, std=[0.25] * 3)
+    assert synth(channels=3, mean=[0.5] * 3, std=[0.25] * 3).input_shape[0] == 3  # after grey→RGB
+
+
+# --- validation budget tied to the label budget ---------------------------------------------------------
+def rows(x: torch.Tensor) -> set:
+    return {tuple(r.flatten().tolist()) for r in x}
+
+
+def test_val_per_class_takes_exactly_that_many_from_outside_the_labelled_subset():
+    dm = synth(samples_per_class=5, val_per_class=7)
+    assert np.bincount(dm.y_val.numpy()).tolist() == [7] * 5
+    assert np.bincount(dm.y_train.numpy()).tolist() == [5] * 5
+    assert not rows(dm.x_val) & rows(dm.x_train)
+    s = dm.summary()
+    assert s["val_mode"] == "fixed" and s["val_per_class"] == 7 and s["val_counts"] == [7] * 5
+
+
+def test_val_per_class_budget_matches_the_label_budget_and_stays_nested():
+    small, big = synth(samples_per_class=3, val_per_class="budget"), synth(samples_per_class=8, val_per_class="budget")
+    assert np.bincount(small.y_val.numpy()).tolist() == [3] * 5 and small.summary()["val_per_class"] == 3
+    assert np.bincount(big.y_val.numpy()).tolist() == [8] * 5 and big.summary()["val_mode"] == "budget"
+    assert rows(small.x_train) <= rows(big.x_train) and rows(small.x_val) <= rows(big.x_val)
+    assert not rows(big.x_val) & rows(big.x_train)
+    again = synth(samples_per_class=3, val_per_class="budget")
+    assert torch.equal(again.x_train, small.x_train) and torch.equal(again.x_val, small.x_val)
+    other_seed = synth(samples_per_class=3, val_per_class="budget", seed=5)
+    assert not torch.equal(other_seed.x_train, small.x_train)
+
+
+def test_fixed_val_per_class_keeps_one_validation_set_across_budgets():
+    a, b = synth(samples_per_class=2, val_per_class=4), synth(samples_per_class=20, val_per_class=4)
+    assert torch.equal(a.x_val, b.x_val) and rows(a.x_train) <= rows(b.x_train)
+
+
+def test_default_validation_is_unchanged_and_recorded_as_fraction():
+    dm = synth(val_fraction=0.25)
+    s = dm.summary()
+    assert s["val_mode"] == "fraction" and s["val_per_class"] == 10 and s["val_counts"] == [10] * 5
+
+
+@pytest.mark.parametrize("kw, expect", [
+    (dict(samples_per_class=30, val_per_class=20), r"data.val_per_class=20: class 0 has 40 image\(s\), too few "
+                                                   r"for 20 validation \+ 30 training"),
+    (dict(samples_per_class=25, val_per_class="budget"), "data.val_per_class=budget: class 0 has 40"),
+    (dict(val_per_class=40), r"data.val_per_class=40: class 0 has 40 image\(s\), too few for 40 validation \+ 1"),
+])
+def test_val_per_class_pool_too_small_is_a_clear_error(kw, expect):
+    with pytest.raises(ConfigError, match=expect):
+        synth(**kw)

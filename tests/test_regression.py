@@ -85,7 +85,7 @@ def test_embedded_boston_table_splits_into_two_domains_by_a_column():
 @pytest.mark.parametrize("overrides, expect", [
     (["strategy=distill"], "handles classification tasks, but target.data is a regression task"),
     (["strategy=multitask"], "handles classification tasks"),
-    (["strategy=finetune", "target.data.n_train=0"], "target.data.n_train=0: must be ≥ 1"),
+    (["strategy=finetune", "target.data.n_train=0"], "target.data.n_train=0: must be an integer ≥ 1"),
     (["strategy=finetune", "target.data.where=[x0,'<',abc]"], "target.data.where=['x0', '<', 'abc']: the value must be a number"),
     (["strategy=scratch", "target.data.val_fraction=0.004"], "target.data.val_fraction=0.004: leaves 1 row"),
 ])

@@ -2,7 +2,8 @@
 
 * ``check_leaf`` / ``validate_config``: every ``_target_`` leaf of a composed config against its
   constructor's signature — unknown keys, values of the wrong type, unresolved ``???`` — plus
-  the run's own scalar keys (seed, epochs, learning rates).
+  the run's own scalar keys (seed, epochs; learning rates finite and > 0), no NaN anywhere, model
+  sizes ≥ 1. Data options are range-checked by the data modules' constructors (data/checks.py).
 * ``check_model_spec`` / ``rebuild_reference`` / ``check_state`` / ``validate_package``: a state
   dict from outside (a knowledge package, a checkpoint) against the model its config rebuilds —
   keys, shapes, dtypes — without trusting the config to name arbitrary code.
@@ -18,6 +19,7 @@ import contextlib
 import copy
 import inspect
 import io
+import math
 import types
 import typing
 from collections.abc import Callable, Mapping, Sequence
@@ -154,6 +156,38 @@ def _scalar(cfg: Mapping[str, Any], path: str, kind: type, minimum: float | None
         raise ConfigError(f"{path}={node!r}: must be ≥ {minimum}")
 
 
+def _learning_rate(cfg: Mapping[str, Any], stage: str) -> None:
+    """A finite lr > 0 (``lr=nan`` slips past ``< 0``; inf and 0 train nothing useful)."""
+    optimizer = (cfg.get(stage) or {}).get("optimizer")
+    if not isinstance(optimizer, Mapping) or "lr" not in optimizer:
+        return
+    lr = optimizer["lr"]
+    if not isinstance(lr, (int, float)) or isinstance(lr, bool) or not math.isfinite(lr) or lr <= 0:
+        raise ConfigError(f"{stage}.optimizer.lr={lr!r}: must be a finite number > 0, e.g. "
+                          f"{stage}.optimizer.lr=0.001")
+
+
+def _finite(node: Any, path: str) -> None:
+    """No NaN anywhere: it compares false with every bound, so it would pass each range check."""
+    if isinstance(node, Mapping):
+        for k, v in node.items():
+            _finite(v, f"{path}.{k}" if path else str(k))
+    elif isinstance(node, (list, tuple)):
+        for i, v in enumerate(node):
+            _finite(v, f"{path}[{i}]")
+    elif isinstance(node, float) and math.isnan(node):
+        raise ConfigError(f"{path}=nan: not a number; set a finite value")
+
+
+def _model_sizes(node: Mapping[str, Any], key: str) -> None:
+    """Integer model options (channels, hidden, width, depth, …) count things: each must be ≥ 1."""
+    for name, value in node.items():
+        values = value if isinstance(value, (list, tuple)) else [value]
+        bad = [v for v in values if isinstance(v, int) and not isinstance(v, bool) and v < 1]
+        if bad:
+            raise ConfigError(f"{key}.{name}={value!r}: sizes must be integers ≥ 1")
+
+
 def validate_config(cfg: Any) -> None:
     """Check a composed run config (``DictConfig`` or dict) without instantiating anything."""
     from omegaconf import DictConfig, OmegaConf
@@ -167,15 +201,19 @@ def validate_config(cfg: Any) -> None:
                               f"e.g. {e.full_key}=...") from None
     else:
         plain = cfg
+    _finite(plain, "")
     _scalar(plain, "seed", int)
     for stage in ("source", "target"):
         _scalar(plain, f"{stage}.epochs", int, 0)  # target.epochs=0: evaluate the transferred model as is
-        _scalar(plain, f"{stage}.optimizer.lr", float, 0)
+        _scalar(plain, f"{stage}.optimizer.lr", float)
         for kind in ("data", "model", "optimizer"):
             node = plain.get(stage, {}).get(kind)
             if isinstance(node, Mapping) and "_target_" in node:
                 check_leaf(node, f"{stage}.{kind}", INJECTED.get(kind, set()) | (
                     {"params"} if kind == "optimizer" else set()))
+                if kind == "model":
+                    _model_sizes(node, f"{stage}.model")
+        _learning_rate(plain, stage)
     if isinstance(plain.get("strategy"), Mapping):
         check_leaf(plain["strategy"], "strategy")
     trainer = plain.get("trainer")

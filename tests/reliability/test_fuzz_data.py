@@ -4,6 +4,8 @@ data whose shapes, labels and counts are consistent with the request."""
 
 from __future__ import annotations
 
+import io
+
 import numpy as np
 import pytest
 import torch
@@ -134,3 +136,105 @@ def test_negative_labels_are_rejected(tmp_path):
                      key="target.data").prepare()
         rows = dm.x_train[:, 0, 0, 0].long()
         assert torch.equal(torch.as_tensor(dm.class_names)[dm.y_train], torch.as_tensor(y)[rows])
+
+
+# --- npz contents: any dtype, shape, NaN/inf, empty or garbage file --------------------------------------
+DTYPES = [np.uint8, np.int8, np.int32, np.int64, np.uint64, np.float16, np.float32, np.float64, np.bool_,
+          np.complex64, "U2", object]
+
+
+@st.composite
+def arrays_of_any_kind(draw, rows: int):
+    """An array that is sometimes right (uint8 images / int labels), often not."""
+    dtype = draw(st.sampled_from(DTYPES))
+    rank = draw(st.integers(0, 5))
+    shape = tuple(draw(st.lists(st.integers(0, 4), min_size=rank, max_size=rank)))
+    if rank and draw(st.booleans()):
+        shape = (rows, *shape[1:])  # usually as many rows as the other array
+    n = int(np.prod(shape))
+    values = np.asarray(draw(st.lists(st.sampled_from([0, 1, 2, 3, 2.5, -1, 255, np.nan, np.inf]),
+                                      min_size=n, max_size=n)), dtype=np.float64).reshape(shape)
+    if dtype is object:
+        return np.array([None] * n, dtype=object).reshape(shape)
+    with np.errstate(invalid="ignore", over="ignore"):
+        return values.astype(dtype) if dtype != "U2" else values.astype(str)
+
+
+@st.composite
+def npz_files(draw):
+    """Bytes of a file named .npz: a valid pair, odd arrays, missing arrays, empty or garbage."""
+    kind = draw(st.sampled_from(["pair", "pair", "pair", "table", "odd", "empty", "garbage", "npy"]))
+    rows = draw(st.integers(0, 12))
+    if kind == "empty":
+        return b""
+    if kind == "garbage":
+        return draw(st.binary(min_size=1, max_size=64))
+    buf = io.BytesIO()
+    if kind == "pair":
+        side = draw(st.integers(1, 6))
+        x = np.arange(rows * side * side, dtype=np.uint8).reshape(rows, side, side)
+        y = draw(st.sampled_from([np.int64, np.float32, np.uint8]))
+        labels = np.asarray(draw(st.lists(st.integers(0, 3), min_size=rows, max_size=rows)))
+        arrays = {"x": x, "y": labels.astype(y)}
+        if draw(st.integers(0, 2)) == 0:  # one field replaced by something odd
+            arrays[draw(st.sampled_from(["x", "y"]))] = draw(arrays_of_any_kind(rows))
+    elif kind == "table":  # float features and target, now and then a NaN or inf
+        d = draw(st.integers(0, 3))
+        cell = st.floats(-1e3, 1e3) | st.sampled_from([np.nan, np.inf, -np.inf])
+        x = np.asarray(draw(st.lists(cell, min_size=rows * d, max_size=rows * d)), dtype=np.float64)
+        y = np.asarray(draw(st.lists(cell, min_size=rows, max_size=rows)), dtype=np.float64)
+        arrays = {"x": x.reshape(rows, d), "y": y.astype(draw(st.sampled_from([np.float32, np.float64])))}
+    elif kind == "odd":
+        names = draw(st.lists(st.sampled_from(["x", "y", "z"]), unique=True, max_size=3))
+        arrays = {k: draw(arrays_of_any_kind(rows)) for k in names}
+    else:
+        np.save(buf, draw(arrays_of_any_kind(rows)), allow_pickle=True)
+        return buf.getvalue()
+    np.savez(buf, **arrays)
+    return buf.getvalue()
+
+
+def _prepared_or_config_error(make):
+    try:
+        return make().prepare()
+    except ConfigError as e:
+        assert "\n" not in str(e) and str(e).startswith("target.data"), str(e)
+        event(f"ConfigError: {str(e).split(': ', 1)[1][:30]}")
+        return None
+
+
+@FUZZ
+@given(train=npz_files(), test=st.none() | npz_files(), budget=st.none() | st.integers(1, 2))
+def test_npz_contents_load_into_a_consistent_module_or_raise_config_error(tmp_path_factory, train, test, budget):
+    d = tmp_path_factory.mktemp("npz")
+    (d / "train.npz").write_bytes(train)
+    (d / "test.npz").write_bytes(train if test is None else test)  # None: the same file
+    dm = _prepared_or_config_error(lambda: NpzData(str(d / "train.npz"), str(d / "test.npz"), val_fraction=0.0,
+                                                   samples_per_class=budget, key="target.data"))
+    if dm is None:
+        return
+    event("prepared")
+    with np.load(d / "train.npz") as z:
+        y_file = z["y"]
+    assert set(dm.class_names) == set(np.unique(y_file).astype(np.int64).tolist())
+    for x, y in ((dm.x_train, dm.y_train), (dm.x_test, dm.y_test)):
+        assert x.dtype == torch.uint8 and x.ndim == 4 and x.shape[1:] == dm.input_shape and len(x) == len(y) > 0
+        assert y.dtype == torch.long and 0 <= int(y.min()) and int(y.max()) < dm.num_classes
+    assert torch.isfinite(dm.transform(dm.x_train, train=False)).all()
+
+
+@FUZZ
+@given(train=npz_files())
+def test_npz_tables_load_finite_or_raise_config_error(tmp_path_factory, train):
+    from transfer_lab.data.tables import TableData
+
+    path = tmp_path_factory.mktemp("table") / "t.npz"
+    path.write_bytes(train)
+    dm = _prepared_or_config_error(lambda: TableData(train_file=str(path), test_fraction=0.5, val_fraction=0.0,
+                                                     key="target.data"))
+    if dm is None:
+        return
+    event("prepared")
+    for x in (dm.x_train, dm.x_test):
+        assert x.dtype == torch.float32 and torch.isfinite(x).all() and torch.isfinite(dm.transform(x, False)).all()
+    assert torch.isfinite(dm.y_train).all() and torch.isfinite(dm.y_test).all()

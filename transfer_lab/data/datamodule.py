@@ -9,13 +9,11 @@ import lightning as L
 import numpy as np
 import torch
 
+from transfer_lab.data.checks import (check_images, check_options, check_shapes, check_stats,
+                                     check_test_labels)
 from transfer_lab.data.loader import (BatchLoader, PILDataset, adapt_images, normalize, pil_loader,
                                      pil_transform, random_crop)
 from transfer_lab.errors import ConfigError
-
-AUGMENTATIONS = ("none", "crop", "crop_flip")
-LOADERS = ("memory", "torchvision")
-REMEDIES = (None, "reweight", "resample", "augment")
 
 
 class TransferDataModule(L.LightningDataModule):
@@ -37,9 +35,15 @@ class TransferDataModule(L.LightningDataModule):
         val_fraction: share of each class's training pool held out for validation.
         max_val_per_class: cap on those validation images per class (monitoring only; keeps
             per-epoch validation cheap when the pool is large and the budget small).
+        val_per_class: instead of ``val_fraction``/``max_val_per_class``: exactly this many
+            validation images per class, or ``"budget"``: as many as ``samples_per_class`` (a
+            few-shot study tuned on as many validation labels as it trains on). Drawn from the
+            class's pool outside the labelled subset.
         channels, image_size: adapt images to this shape (None: native).
         augment: one of ``none``, ``crop``, ``crop_flip`` (batched, on device, training only).
         batch_size, eval_batch_size: loader batch sizes.
+        mean, std: per-channel normalisation replacing the training pool's statistics (a
+            pretrained model's own; one finite value per channel, std > 0).
         device_resident: move the tensors to the training device once (fast on GPU).
         loader: ``memory`` (uint8 batches sliced in memory, transformed as batched tensor ops on
             the device) or ``torchvision`` (the standard per-sample PIL ``Dataset`` +
@@ -50,19 +54,24 @@ class TransferDataModule(L.LightningDataModule):
 
     def __init__(self, classes: Sequence[int] | None = None, samples_per_class: int | None = None,
                  imbalance_ratio: float | None = None, imbalance_remedy: str | None = None,
-                 val_fraction: float = 0.1, max_val_per_class: int | None = 100, channels: int | None = None,
+                 val_fraction: float = 0.1, max_val_per_class: int | None = 100,
+                 val_per_class: int | str | None = None, channels: int | None = None,
                  image_size: int | None = None, augment: str = "none", batch_size: int = 64,
-                 eval_batch_size: int = 1000, device_resident: bool = True, loader: str = "memory",
+                 eval_batch_size: int = 1000, mean: list[float] | None = None,
+                 std: list[float] | None = None, device_resident: bool = True, loader: str = "memory",
                  num_workers: int = 0, seed: int = 0, key: str = "data") -> None:
         super().__init__()
         self.classes = list(classes) if classes is not None else None
         self.samples_per_class, self.imbalance_ratio = samples_per_class, imbalance_ratio
         self.imbalance_remedy, self.val_fraction = imbalance_remedy, val_fraction
-        self.max_val_per_class = max_val_per_class
+        self.max_val_per_class, self.val_per_class = max_val_per_class, val_per_class
         self.channels, self.image_size, self.augment = channels, image_size, augment
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
         self.device_resident, self.seed, self.key = device_resident, seed, key
         self.loader, self.num_workers = loader, num_workers
+        check_options(self)
+        check_stats(mean, std, key)
+        self._norm_override = (list(mean), list(std)) if mean is not None else None
         self._ready = False
         self._stats: tuple[torch.Tensor, torch.Tensor] | None = None
         self._minority: torch.Tensor | None = None
@@ -81,38 +90,38 @@ class TransferDataModule(L.LightningDataModule):
         """Load and shape the data once; raises ``ConfigError`` on impossible settings."""
         if self._ready:
             return self
-        self._check_options()
-        xtr, ytr, xte, yte = (np.asarray(a) for a in self.load_arrays())
+        xtr, ytr, xte, yte = self.load_arrays()
+        xtr, ytr = check_images(xtr, ytr, self.describe("train"))
+        xte, yte = check_images(xte, yte, self.describe("test"))
+        check_shapes(self, xtr, xte)
         keep = self._check_classes(ytr)
+        check_test_labels(self, yte, keep)
         xtr, ytr = _select(xtr, ytr, keep)
         xte, yte = _select(xte, yte, keep)
         tr_idx, val_idx = self._split(ytr)
         self.train_counts = np.bincount(ytr[tr_idx], minlength=self.num_classes)
+        self.val_counts = np.bincount(ytr[val_idx], minlength=self.num_classes)
         pool = self._to_tensor(xtr)  # adapted once; statistics from the unlabelled pool
-        self.mean, self.std = _channel_stats(pool)
+        self.mean, self.std = self._normalization(pool)
         self.x_train, self.y_train = pool[tr_idx], torch.as_tensor(ytr[tr_idx], dtype=torch.long)
         self.x_val, self.y_val = pool[val_idx], torch.as_tensor(ytr[val_idx], dtype=torch.long)
         self.x_test, self.y_test = self._to_tensor(xte), torch.as_tensor(yte, dtype=torch.long)
         self._ready = True
         return self
 
-    def _check_options(self) -> None:
-        if self.augment not in AUGMENTATIONS:
-            raise ConfigError(f"{self.key}.augment={self.augment!r}: valid: {', '.join(AUGMENTATIONS)}")
-        if self.loader not in LOADERS:
-            raise ConfigError(f"{self.key}.loader={self.loader!r}: valid: {', '.join(LOADERS)}")
-        if self.imbalance_remedy not in REMEDIES:
-            raise ConfigError(f"{self.key}.imbalance_remedy={self.imbalance_remedy!r}: valid: "
-                              f"{', '.join(str(r).replace('None', 'null') for r in REMEDIES)}")
-        if self.imbalance_remedy == "augment" and self.loader != "memory":
-            raise ConfigError(f"{self.key}.imbalance_remedy=augment: needs {self.key}.loader=memory "
-                              "(minority-class crops are batched tensor ops)")
-        if self.samples_per_class is not None and self.samples_per_class < 1:
-            raise ConfigError(f"{self.key}.samples_per_class={self.samples_per_class}: must be ≥ 1")
-        if not 0 <= self.val_fraction < 1:
-            raise ConfigError(f"{self.key}.val_fraction={self.val_fraction}: must be in [0, 1)")
-        if self.imbalance_ratio is not None and self.imbalance_ratio < 1:
-            raise ConfigError(f"{self.key}.imbalance_ratio={self.imbalance_ratio}: must be ≥ 1")
+    def describe(self, split: str) -> str:
+        """Override to name where the ``split`` (train/test) arrays come from, as the user sets it."""
+        return f"{self.key} ({split} arrays of {type(self).__name__})"
+
+    def _normalization(self, pool: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The training pool's channel statistics, or the override (a pretrained model's own)."""
+        if self._norm_override is None:
+            return _channel_stats(pool)
+        mean, std = (torch.tensor(v, dtype=torch.float32) for v in self._norm_override)
+        if len(mean) != pool.shape[1]:
+            raise ConfigError(f"{self.key}.mean/std: {len(mean)} values for {pool.shape[1]}-channel images; "
+                              "give one per channel (or set channels to match)")
+        return mean, std
 
     def _check_classes(self, y: np.ndarray) -> list[int]:
         present = sorted(int(c) for c in np.unique(y))
@@ -133,33 +142,58 @@ class TransferDataModule(L.LightningDataModule):
         return self.class_names
 
     def _split(self, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Per class: one seeded permutation; validation first, then the (nested) budget."""
+        """Per class: one seeded permutation. With ``val_per_class`` unset, validation comes first and
+        the budget follows it; with it set, the budget comes first and validation from the end — so
+        the labelled subsets (and validation sets) of one seed are nested across budgets either way."""
         k = self.num_classes
-        budget = self.samples_per_class
         counts = np.bincount(y, minlength=k)
+        n_val = self._val_counts(counts)
+        keep = self._budget(counts, n_val)
+        from_end = self.val_per_class is not None
+        train, val = [], []
+        for c in range(k):
+            idx = np.flatnonzero(y == c)
+            idx = idx[np.random.default_rng([self.seed, c]).permutation(len(idx))]
+            if from_end:
+                train.append(idx[:keep[c]])
+                val.append(idx[len(idx) - n_val[c]:])
+            else:
+                val.append(idx[:n_val[c]])
+                train.append(idx[n_val[c]:n_val[c] + keep[c]])
+        return np.sort(np.concatenate(train)), np.sort(np.concatenate(val))
+
+    def _val_counts(self, counts: np.ndarray) -> list[int]:
+        """Validation images per class: fixed (``val_per_class``), tied to the label budget
+        (``budget``), or a share of each class's pool capped at ``max_val_per_class``."""
+        if self.val_per_class == "budget":
+            return [self.samples_per_class] * len(counts)
+        if self.val_per_class is not None:
+            return [self.val_per_class] * len(counts)
         cap = self.max_val_per_class if self.max_val_per_class is not None else math.inf
-        n_val = [min(math.ceil(self.val_fraction * n), cap) for n in counts]
+        return [min(math.ceil(self.val_fraction * n), cap) for n in counts]
+
+    def _budget(self, counts: np.ndarray, n_val: list[int]) -> list[int]:
+        """Training images per class after validation: the label budget, then the imbalance profile."""
+        budget, k = self.samples_per_class, len(counts)
         avail = [int(n - v) for n, v in zip(counts, n_val)]
-        if min(avail) < 1:
-            c = int(np.argmin(avail))
-            raise ConfigError(f"{self.key}.val_fraction={self.val_fraction}: class {self.class_names[c]} "
-                              f"has no training images left after the validation split "
-                              f"({int(counts[c])} image(s), {n_val[c]} to validation)")
-        if budget is not None and budget > min(avail):
-            c = int(np.argmin(avail))
-            raise ConfigError(f"{self.key}.samples_per_class={budget}: class {self.class_names[c]} "
+        c = int(np.argmin(avail))
+        name, need = self.class_names[c], max(1, budget or 1)
+        if self.val_per_class is not None and need > avail[c]:
+            raise ConfigError(f"{self.key}.val_per_class={self.val_per_class}: class {name} has {int(counts[c])} "
+                              f"image(s), too few for {n_val[c]} validation + {need} training image(s); "
+                              f"lower {self.key}.val_per_class or {self.key}.samples_per_class")
+        if avail[c] < 1:
+            raise ConfigError(f"{self.key}.val_fraction={self.val_fraction}: class {name} has no training "
+                              f"images left after the validation split ({int(counts[c])} image(s), "
+                              f"{n_val[c]} to validation)")
+        if budget is not None and budget > avail[c]:
+            raise ConfigError(f"{self.key}.samples_per_class={budget}: class {name} "
                               f"has only {avail[c]} training images after the validation split")
         keep = [budget or a for a in avail]
         if self.imbalance_ratio is not None and k > 1:
             n_max = min(keep)  # the profile starts from the count every class can meet
             keep = [max(1, int(n_max * self.imbalance_ratio ** (-i / (k - 1)))) for i in range(k)]
-        train, val = [], []
-        for c in range(k):
-            idx = np.flatnonzero(y == c)
-            idx = idx[np.random.default_rng([self.seed, c]).permutation(len(idx))]
-            val.append(idx[:n_val[c]])
-            train.append(idx[n_val[c]:n_val[c] + keep[c]])
-        return np.sort(np.concatenate(train)), np.sort(np.concatenate(val))
+        return keep
 
     def _to_tensor(self, x: np.ndarray) -> torch.Tensor:
         t = torch.from_numpy(np.ascontiguousarray(x))
@@ -186,9 +220,16 @@ class TransferDataModule(L.LightningDataModule):
         return w * len(w) / w.sum()
 
     def summary(self) -> dict:
+        vals = sorted(set(self.val_counts.tolist()))
         return {"classes": self.class_names, "input_shape": list(self.input_shape),
                 "n_train": len(self.y_train), "n_val": len(self.y_val), "n_test": len(self.y_test),
-                "train_counts": [int(c) for c in self.train_counts]}
+                "train_counts": [int(c) for c in self.train_counts],
+                # the validation protocol: a few-shot result tuned on many labels is not few-shot
+                "val_mode": {None: "fraction", "budget": "budget"}.get(self.val_per_class, "fixed"),
+                "val_per_class": int(vals[0]) if len(vals) == 1 else None,
+                "val_counts": [int(c) for c in self.val_counts],
+                "normalization": "dataset" if self._norm_override is None else "model",
+                "mean": [round(float(v), 6) for v in self.mean], "std": [round(float(v), 6) for v in self.std]}
 
     # --- Lightning hooks ---------------------------------------------------------------------
     def setup(self, stage: str | None = None) -> None:
@@ -269,4 +310,6 @@ def _select(x: np.ndarray, y: np.ndarray, keep: list[int]) -> tuple[np.ndarray, 
 
 def _channel_stats(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     xf = x[:20000].float().div_(255.0)
-    return xf.mean(dim=(0, 2, 3)), xf.std(dim=(0, 2, 3)).clamp_min(1e-3)
+    # one pixel in all has no spread (std is NaN): 1 leaves it merely centred
+    std = xf.std(dim=(0, 2, 3)) if xf[:, 0].numel() > 1 else torch.ones(xf.shape[1])
+    return xf.mean(dim=(0, 2, 3)), std.clamp_min(1e-3)

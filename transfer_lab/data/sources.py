@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
+from transfer_lab.data.checks import is_int, read_npz, require_int, require_number
 from transfer_lab.data.datamodule import TransferDataModule
 from transfer_lab.errors import ConfigError
 
@@ -34,6 +35,9 @@ class TorchvisionData(TransferDataModule):
 
     def allows_hflip(self) -> bool:
         return TORCHVISION[self.dataset][1]
+
+    def describe(self, split: str) -> str:
+        return f"{self.key}.dataset={self.dataset} ({split} split under {self.root})"
 
     def _load(self, train: bool):
         import torchvision
@@ -69,23 +73,13 @@ class NpzData(TransferDataModule):
     def allows_hflip(self) -> bool:
         return self.hflip
 
-    def _read(self, path: str, which: str):
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"{self.key}.{which}={path}: no such file (expected an .npz "
-                              "with arrays x uint8 and y int64)")
-        with np.load(p, allow_pickle=False) as z:
-            missing = {"x", "y"} - set(z.files)
-            if missing:
-                raise ConfigError(f"{self.key}.{which}={path}: missing array(s) {sorted(missing)}")
-            x, y = z["x"], z["y"]
-        if x.dtype != np.uint8 or x.ndim not in (3, 4) or len(x) != len(y):
-            raise ConfigError(f"{self.key}.{which}={path}: x must be uint8 N×H×W[×3] with one "
-                              f"label per image; got x {x.dtype} {x.shape}, y {y.shape}")
-        return x, y.astype(np.int64)
+    def describe(self, split: str) -> str:
+        return f"{self.key}.{split}_file={getattr(self, f'{split}_file')}"
 
     def load_arrays(self):
-        return (*self._read(self.train_file, "train_file"), *self._read(self.test_file, "test_file"))
+        train, test = (read_npz(getattr(self, f"{s}_file"), self.describe(s), ("x", "y"))
+                       for s in ("train", "test"))
+        return train["x"], train["y"], test["x"], test["y"]
 
 
 class EmbeddedMNIST(TransferDataModule):
@@ -97,6 +91,9 @@ class EmbeddedMNIST(TransferDataModule):
 
     def __init__(self, train_per_class: int = 400, **kwargs) -> None:
         super().__init__(**kwargs)
+        if not (is_int(train_per_class) and 1 <= train_per_class < 500):
+            raise ConfigError(f"{self.key}.train_per_class={train_per_class!r}: must be an integer in "
+                              "1..499 (the file holds 500 images per digit; the rest are the test set)")
         self.train_per_class = train_per_class
 
     def allows_hflip(self) -> bool:
@@ -129,6 +126,11 @@ class SyntheticData(TransferDataModule):
                  n_train: int = 64, n_test: int = 32, noise: float = 0.35, data_seed: int = 0,
                  **kwargs) -> None:
         super().__init__(**kwargs)
+        for name, value in (("num_classes", num_classes), ("n_train", n_train), ("n_test", n_test)):
+            require_int(value, f"{self.key}.{name}", 1)
+        if len(shape) != 3 or shape[0] not in (1, 3) or min(shape[1:]) < 1:
+            raise ConfigError(f"{self.key}.shape={list(shape)}: expected [C, H, W] with C 1 or 3, H, W ≥ 1")
+        require_number(noise, f"{self.key}.noise", 0)
         self.n_classes, self.shape, self.noise = num_classes, tuple(shape), noise
         self.n_train, self.n_test, self.data_seed = n_train, n_test, data_seed
 

@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from transfer_lab.data.checks import check_finite, check_table, read_npz, require_int, require_number
 from transfer_lab.data.datamodule import TransferDataModule
 from transfer_lab.errors import ConfigError
 
@@ -50,26 +51,29 @@ def read_table(path: str | Path, target: str, features: Sequence[str] | None,
         cols, default_target = embedded_table(str(path).split(":", 1)[1], key)
         return _columns(cols, target if target != "y" else default_target, features, key, where, str(path))
     p = Path(path)
-    if not p.is_file():
-        raise ConfigError(f"{key}={path}: no such file (a CSV with a header row, or an npz "
-                          "with arrays x float N×D and y float N)")
     if p.suffix == ".npz":
         if where is not None:
             raise ConfigError(f"{key}={path}: where= needs named columns (a CSV or an embedded table)")
-        with np.load(p, allow_pickle=False) as z:
-            if not {"x", "y"} <= set(z.files):
-                raise ConfigError(f"{key}={path}: an npz table needs arrays x and y")
-            x, y = z["x"].astype(np.float64), z["y"].astype(np.float64)
+        arrays = read_npz(p, f"{key}={path}", ("x", "y"))
+        x, y = check_table(arrays["x"], arrays["y"], f"{key}={path}")
         names = list(features) if features else [f"x{i}" for i in range(x.shape[1])]
-        return x.reshape(len(x), -1), y.reshape(-1), names
-    with p.open(newline="") as f:
-        rows = list(csv.DictReader(f))
+        if len(names) != x.shape[1]:
+            raise ConfigError(f"{key}={path}: {len(names)} feature name(s) for {x.shape[1]} column(s) of x")
+        return x, y, names
+    if not p.is_file():
+        raise ConfigError(f"{key}={path}: no such file (a CSV with a header row, or an npz "
+                          "with arrays x float N×D and y float N)")
+    try:
+        with p.open(newline="") as f:
+            rows = list(csv.DictReader(f))
+    except (UnicodeDecodeError, csv.Error) as e:
+        raise ConfigError(f"{key}={path}: not a readable CSV ({type(e).__name__}: {e})") from None
     if not rows:
         raise ConfigError(f"{key}={path}: empty table")
     try:
         cols = {c: np.array([float(r[c]) for r in rows]) for c in rows[0]}
-    except ValueError as e:
-        raise ConfigError(f"{key}={path}: non-numeric value ({e})") from None
+    except (ValueError, TypeError) as e:  # TypeError: a short row (None for the missing cells)
+        raise ConfigError(f"{key}={path}: non-numeric or missing value ({e})") from None
     return _columns(cols, target, features, key, where, str(path))
 
 
@@ -94,6 +98,9 @@ def _columns(cols: dict[str, np.ndarray], target: str, features: Sequence[str] |
         mask = OPS[where[1]](cols[where[0]], value)
         if not mask.any():
             raise ConfigError(f"{at}: no row of {path} matches")
+    rows = np.flatnonzero(mask)
+    check_finite({**{f"{c!r}": cols[c][mask] for c in names}, f"{target!r} (the target)": cols[target][mask]},
+                 f"{key}={path}", rows)
     x = np.stack([cols[c][mask] for c in names], axis=1)
     return x, cols[target][mask], names
 
@@ -126,6 +133,12 @@ class TableData(TransferDataModule):
                  n_train: int | None = None, log_target: bool = False, where: Sequence | None = None,
                  standardize_target: bool = True, **kwargs) -> None:
         super().__init__(**kwargs)
+        unused = [k for k in ("mean", "std", "val_per_class") if kwargs.get(k) is not None]
+        if unused:
+            raise ConfigError(f"{self.key}.{unused[0]}: not used by a regression table (features are "
+                              f"standardised with the training rows; validation is val_fraction)")
+        require_int(n_train, f"{self.key}.n_train", 1, optional=True)
+        require_number(test_fraction, f"{self.key}.test_fraction", 0, 1)
         self.train_file, self.test_file, self.target = train_file, test_file, target
         self.features, self.test_fraction = features, test_fraction
         self.n_train, self.log_target = n_train, log_target
@@ -158,8 +171,6 @@ class TableData(TransferDataModule):
             where_test = f"test_file={self.test_file}" if self.test_file else f"test_fraction={self.test_fraction}"
             raise ConfigError(f"{key}.{where_test}: leaves {len(yte)} row(s) for testing; R² needs at least 2")
         if self.n_train is not None:
-            if self.n_train < 1:
-                raise ConfigError(f"{key}.n_train={self.n_train}: must be ≥ 1")
             if self.n_train > len(train):
                 raise ConfigError(f"{key}.n_train={self.n_train}: only {len(train)} training rows")
             train = train[:self.n_train]
