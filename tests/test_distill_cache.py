@@ -12,7 +12,8 @@ from safetensors.torch import load_file
 
 from transfer_lab.errors import ConfigError
 from transfer_lab.run import build_model, prepare, run, source_stage
-from transfer_lab.strategies.distill import CachedLogitLoader, Distill, TeacherLogitCache
+from transfer_lab.data.paired import PairedData, RowLoader
+from transfer_lab.strategies.distill import Distill
 
 # an MLP student under a tiny_cnn teacher (different architectures), 3 student epochs
 DISTILL = ["strategy=distill", "model@target.model=mlp", "target.model.hidden=[16]",
@@ -67,7 +68,7 @@ def test_cached_logits_equal_the_teachers_logits_on_the_same_batches(tmp_path):
     source, _ = source_stage(cfg, strategy, source_dm)
     strategy.build(source, build_model(cfg.target.model, target_dm))
     dm = strategy.datamodule(target_dm, source_dm)
-    assert isinstance(dm, TeacherLogitCache)
+    assert isinstance(dm, PairedData) and dm.per_sample is not None
 
     # what setup reads from a Trainer: the device, the precision context, rank and mode
     dm.trainer = SimpleNamespace(strategy=SimpleNamespace(root_device=torch.device("cpu")),
@@ -75,8 +76,8 @@ def test_cached_logits_equal_the_teachers_logits_on_the_same_batches(tmp_path):
                                  training=True)
     dm.setup("fit")
     cached, plain = dm.train_dataloader(), target_dm.train_dataloader()
-    assert isinstance(cached, CachedLogitLoader) and len(cached) == len(plain)
-    for epoch in (0, 2):
+    assert isinstance(cached, RowLoader) and len(cached) == len(plain)
+    for epoch in (0, 2):  # a sequence of epochs: the loaders' own epoch counters advance
         cached.set_epoch(epoch)
         plain.set_epoch(epoch)
         for (xc, yc, tc), (xp, yp) in zip(cached, plain, strict=True):
