@@ -64,7 +64,7 @@ class GradualUnfreeze(Strategy):
         return target
 
     def callbacks(self) -> list:
-        return [UnfreezeSchedule(self.lr_ratio, self.train_bn)]
+        return [UnfreezeSchedule(self.lr_ratio)]
 
     def report(self) -> dict[str, Any]:
         out: dict[str, Any] = {"unfreeze_epoch": self.plan, "lr_ratio": self.lr_ratio}
@@ -84,9 +84,9 @@ class UnfreezeSchedule(BaseFinetuning):
     unfreezes every block whose epoch has come (``>=``), adding only groups the optimizer lacks.
     """
 
-    def __init__(self, lr_ratio: float, train_bn: bool = False) -> None:
+    def __init__(self, lr_ratio: float) -> None:
         super().__init__()
-        self.lr_ratio, self.train_bn = lr_ratio, train_bn
+        self.lr_ratio = lr_ratio  # BatchNorm of frozen blocks: TransferModule.train honours train_bn
         self.unfrozen: list[str] = []
 
     @staticmethod
