@@ -93,6 +93,7 @@ def test_scratch_needs_no_source():
     assert Scratch.needs_source is False and Scratch().build(None, tgt) is tgt
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", STRATEGIES)
 def test_every_strategy_yaml_runs_end_to_end(name, tmp_path):
     """Discovered by glob: a new strategy YAML is tested here without editing this file."""

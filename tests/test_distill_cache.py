@@ -41,6 +41,7 @@ def _run(tmp_path, name: str, *overrides: str) -> dict:
     return run(cfg, tmp_path / name)
 
 
+@pytest.mark.slow
 def test_cached_and_uncached_runs_train_the_same_student(tmp_path, teacher_calls):
     """Same seed: the cached run sees the same batches and logits, so the student ends the same."""
     cached = _run(tmp_path, "cached", "strategy.cache_teacher=true")
@@ -95,6 +96,7 @@ def test_cached_logits_equal_the_teachers_logits_on_the_same_batches(tmp_path):
     (["strategy.hints=[[backbone.fc1,backbone.pool]]"], "hints"),
     (["strategy.kd_weight=0"], "kd_weight=0"),
 ])
+@pytest.mark.slow
 def test_cache_auto_disables_when_invalid(tmp_path, teacher_calls, overrides, reason):
     res = _run(tmp_path, "out", *overrides)
     info = res["strategy_report"]["teacher_cache"]

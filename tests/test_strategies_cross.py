@@ -204,6 +204,7 @@ def _dann_weights(tmp_path, poison: bool, strategy: str = "dann") -> tuple[dict,
     return _state(module.model), seen, target_dm
 
 
+@pytest.mark.slow
 def test_dann_never_reads_target_labels(tmp_path):
     clean, batches, target_dm = _dann_weights(tmp_path / "a", poison=False)
     poisoned, _, _ = _dann_weights(tmp_path / "b", poison=True)

@@ -312,6 +312,7 @@ def gu_fit(max_epochs, ckpt_path=None, save_to=None, test=False):
     return rec, trainer, module
 
 
+@pytest.mark.slow
 def test_gradual_unfreeze_trainable_set_per_epoch_and_after_resume(tmp_path):
     full, trainer, module = gu_fit(4, test=True)
     head = {"head.weight", "head.bias"}
