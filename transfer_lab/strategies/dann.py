@@ -58,10 +58,14 @@ class GRLSchedule(L.Callback):
 
     def __init__(self, grl: GradientReversal, gamma: float, lambda_max: float) -> None:
         self.grl, self.gamma, self.lambda_max = grl, gamma, lambda_max
+        self.total = 1.0
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.total = max(1.0, float(trainer.estimated_stepping_batches))
 
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any,
                              batch_idx: int) -> None:
-        progress = min(1.0, trainer.global_step / max(1.0, float(trainer.estimated_stepping_batches)))
+        progress = min(1.0, trainer.global_step / self.total)  # host integers: no device sync
         self.grl.lambd = self.lambda_max * grl_lambda(progress, self.gamma)
 
 
