@@ -5,9 +5,12 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from conftest import ROOT, TINY
 
 
+@pytest.mark.slow
 def test_two_process_cpu_ddp_writes_one_result_and_one_store_entry(tmp_path):
     # a subprocess: Lightning starts rank 1 by re-running this command line
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TRANSFER_LAB_STORE": str(tmp_path / "store")}

@@ -12,7 +12,8 @@ from safetensors.torch import load_file
 
 from transfer_lab.errors import ConfigError
 from transfer_lab.run import build_model, prepare, run, source_stage
-from transfer_lab.strategies.distill import CachedLogitLoader, Distill, TeacherLogitCache
+from transfer_lab.data.paired import PairedData, RowLoader
+from transfer_lab.strategies.distill import Distill
 
 # an MLP student under a tiny_cnn teacher (different architectures), 3 student epochs
 DISTILL = ["strategy=distill", "model@target.model=mlp", "target.model.hidden=[16]",
@@ -40,6 +41,7 @@ def _run(tmp_path, name: str, *overrides: str) -> dict:
     return run(cfg, tmp_path / name)
 
 
+@pytest.mark.slow
 def test_cached_and_uncached_runs_train_the_same_student(tmp_path, teacher_calls):
     """Same seed: the cached run sees the same batches and logits, so the student ends the same."""
     cached = _run(tmp_path, "cached", "strategy.cache_teacher=true")
@@ -67,7 +69,7 @@ def test_cached_logits_equal_the_teachers_logits_on_the_same_batches(tmp_path):
     source, _ = source_stage(cfg, strategy, source_dm)
     strategy.build(source, build_model(cfg.target.model, target_dm))
     dm = strategy.datamodule(target_dm, source_dm)
-    assert isinstance(dm, TeacherLogitCache)
+    assert isinstance(dm, PairedData) and dm.per_sample is not None
 
     # what setup reads from a Trainer: the device, the precision context, rank and mode
     dm.trainer = SimpleNamespace(strategy=SimpleNamespace(root_device=torch.device("cpu")),
@@ -75,8 +77,8 @@ def test_cached_logits_equal_the_teachers_logits_on_the_same_batches(tmp_path):
                                  training=True)
     dm.setup("fit")
     cached, plain = dm.train_dataloader(), target_dm.train_dataloader()
-    assert isinstance(cached, CachedLogitLoader) and len(cached) == len(plain)
-    for epoch in (0, 2):
+    assert isinstance(cached, RowLoader) and len(cached) == len(plain)
+    for epoch in (0, 2):  # a sequence of epochs: the loaders' own epoch counters advance
         cached.set_epoch(epoch)
         plain.set_epoch(epoch)
         for (xc, yc, tc), (xp, yp) in zip(cached, plain, strict=True):
@@ -94,6 +96,7 @@ def test_cached_logits_equal_the_teachers_logits_on_the_same_batches(tmp_path):
     (["strategy.hints=[[backbone.fc1,backbone.pool]]"], "hints"),
     (["strategy.kd_weight=0"], "kd_weight=0"),
 ])
+@pytest.mark.slow
 def test_cache_auto_disables_when_invalid(tmp_path, teacher_calls, overrides, reason):
     res = _run(tmp_path, "out", *overrides)
     info = res["strategy_report"]["teacher_cache"]

@@ -6,13 +6,14 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 from conftest import compose_cfg
 from hydra.utils import instantiate
 
 from transfer_lab.data.loader import normalize
 from transfer_lab.module import TransferModule
 from transfer_lab.run import build_model, make_trainer, prepare, run, source_stage
-from transfer_lab.strategies.dann import GradientReversal, grl_lambda
+from transfer_lab.strategies.common import GradientReversal, grl_lambda
 from transfer_lab.strategies.distill import Distill, kd_loss
 
 
@@ -73,13 +74,48 @@ def test_distill_teacher_frozen_regressors_trained(tmp_path):
         tmp_path, "strategy=distill", "strategy.hints=[[backbone.conv1,backbone.conv2]]",
         "strategy.attention=[[backbone.conv2,backbone.conv2]]",
         "model@target.model=convnet", "target.model.channels=[4,6,6]", before_fit=before)
-    assert module.distill_regressors is strategy.regressors  # registered → optimised
+    assert module.strategy_modules["regressors"] is strategy.regressors  # registered → optimised
     for k, v in _state(strategy.teacher).items():
         assert torch.equal(v, snap["teacher"][k]), f"teacher {k} changed"
     assert not strategy.teacher.training
     assert any(not torch.equal(v, snap["regressors"][k]) for k, v in _state(strategy.regressors).items())
     assert any(not torch.equal(v, snap["student"][k]) for k, v in _state(module.model).items())
     assert "backbone.conv3.0.weight" in module.model.state_dict()  # a different architecture
+
+
+def _identity(reg: torch.nn.Module) -> None:
+    with torch.no_grad():
+        reg.weight.zero_()
+        idx = torch.arange(reg.weight.shape[0])
+        if reg.weight.ndim == 4:
+            reg.weight[idx, idx, 0, 0] = 1.0
+        else:
+            reg.weight[idx, idx] = 1.0
+        reg.bias.zero_()
+
+
+@pytest.mark.parametrize("arch, path, kind", [
+    ("mlp", "backbone.fc1.0", "hints"), ("lenet", "backbone.conv2.0", "hints"),
+    ("lenet", "backbone.conv2.0", "attention")])
+def test_features_before_an_inplace_relu_compare_like_with_like(arch, path, kind):
+    """Student = teacher and an identity regressor: the hint/attention term must be 0. A capture
+    that is not cloned hands over the in-place ReLU's output on the student side only."""
+    from transfer_lab.models import lenet, mlp
+
+    make = {"mlp": lambda: mlp(1, 12, 3, hidden=[8, 8]), "lenet": lambda: lenet(1, 12, 3)}[arch]
+    torch.manual_seed(0)
+    teacher = make()
+    student = make()
+    student.load_state_dict(teacher.state_dict())
+    d = Distill(kd_weight=0.0, ce_weight=0.0, **{kind: [[path, path]]})
+    model = d.build(teacher, student)
+    if kind == "hints":
+        _identity(d.regressors["hint0"])
+    x, y = torch.randn(6, 1, 12, 12), torch.randint(0, 3, (6,))
+    term = d.loss(model, (x, y), lambda out, t: F.cross_entropy(out, t)).terms
+    value = term["hint" if kind == "hints" else "at"]
+    assert float(value) == pytest.approx(0.0, abs=1e-10)
+    assert value.requires_grad  # the clone keeps the student's graph
 
 
 def test_teacher_input_converts_channels_size_and_statistics():
@@ -168,6 +204,7 @@ def _dann_weights(tmp_path, poison: bool, strategy: str = "dann") -> tuple[dict,
     return _state(module.model), seen, target_dm
 
 
+@pytest.mark.slow
 def test_dann_never_reads_target_labels(tmp_path):
     clean, batches, target_dm = _dann_weights(tmp_path / "a", poison=False)
     poisoned, _, _ = _dann_weights(tmp_path / "b", poison=True)

@@ -8,8 +8,10 @@ from torch import nn
 
 from transfer_lab.errors import ConfigError
 from transfer_lab.hooks import FeatureCapture, capture_features
-from transfer_lab.models import convnet, lenet, mlp
-from transfer_lab.transfer import format_report, match_layers, net2deeper, net2wider, transfer_weights
+from transfer_lab.models import convnet, lenet, mlp, resnet_cifar
+from transfer_lab.strategies.weight_transfer import WeightTransfer
+from transfer_lab.transfer import (check_function, format_report, match_layers, net2deeper, net2wider,
+                                  transfer_weights)
 
 
 def _randomise_bn(model: nn.Module) -> nn.Module:
@@ -44,6 +46,19 @@ def test_hooks_return_the_named_layers_and_are_removed():
 def test_hooks_fail_naming_a_missing_path():
     with pytest.raises(ConfigError, match="backbone.conv9"):
         FeatureCapture(convnet(1, 16, 3, channels=(4, 8)), ["backbone.conv9"])
+
+
+def test_capture_of_a_leaf_before_an_inplace_relu_keeps_its_own_output():
+    """mlp's fc1 is Linear → ReLU(inplace): the capture of the Linear must stay pre-ReLU."""
+    torch.manual_seed(0)
+    model = mlp(1, 8, 3, hidden=[16]).eval()
+    x = torch.randn(4, 1, 8, 8)
+    pre = model.backbone.fc1[0](x.flatten(1))
+    assert (pre < 0).any()  # so the ReLU would change it
+    torch.testing.assert_close(capture_features(model, x, ["backbone.fc1.0"])["backbone.fc1.0"], pre)
+    with FeatureCapture(model, ["backbone.fc1.0"]) as cap:
+        model(x)
+    torch.testing.assert_close(cap["backbone.fc1.0"], pre)
 
 
 # --- Net2Net ----------------------------------------------------------------------------------
@@ -160,3 +175,38 @@ def test_kernel_size_is_centre_cropped_or_padded():
     torch.testing.assert_close(tgt.backbone.conv1[0].weight, src.backbone.conv1[0].weight[:, :, 1:4, 1:4])
     rows = {r["layer"]: r for r in transfer_weights(tgt, lenet(1, 28, 10))}
     assert rows["backbone.conv1.0"]["action"] == "adapted"
+
+
+# --- the grown source is checked before training -------------------------------------------------
+@pytest.mark.parametrize("make, kwargs, key", [
+    (lambda: lenet(1, 16, 4), {"deepen": ["backbone.conv2"]}, "strategy.deepen=[backbone.conv2]"),
+    (lambda: resnet_cifar(3, 16, 4, depth=8, width=4), {"widen": [["backbone.stem.0", 8]]},
+     "strategy.widen=[backbone.stem.0, 8]"),
+])
+def test_net2net_step_that_breaks_the_model_is_one_config_error(make, kwargs, key):
+    torch.manual_seed(0)
+    with pytest.raises(ConfigError) as e:
+        WeightTransfer(**kwargs).build(make(), make())
+    assert str(e.value).startswith(key) and "\n" not in str(e.value)
+
+
+def test_check_function_rejects_a_changed_function_and_accepts_a_preserving_step():
+    torch.manual_seed(0)
+    src = _randomise_bn(convnet(1, 12, 3, channels=(4, 8)))
+    check_function(src, net2wider(src, "backbone.conv1.0", 6), "widen")  # preserving: passes
+    changed = net2wider(src, "backbone.conv1.0", 6, noise=0.5)
+    with pytest.raises(ConfigError, match="no longer computes the source's function"):
+        check_function(src, changed, "widen")
+    check_function(src, changed, "widen", exact=False)  # with noise only running is required
+
+
+def test_weight_transfer_with_a_breaking_deepen_fails_in_prepare_before_training(tmp_path):
+    from conftest import compose_cfg
+    from transfer_lab.run import prepare
+
+    cfg = compose_cfg("strategy=weight_transfer", "model@source.model=lenet",
+                      "model@target.model=lenet", "strategy.deepen=[backbone.conv2]",
+                      store=tmp_path / "store")
+    with pytest.raises(ConfigError, match=r"strategy.deepen=\[backbone.conv2\]: the grown source"):
+        prepare(cfg)
+    assert not (tmp_path / "store").exists() or not any((tmp_path / "store").iterdir())

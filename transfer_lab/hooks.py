@@ -43,16 +43,17 @@ class FeatureCapture:
         model: any ``nn.Module``.
         paths: module paths as in ``model.named_modules()`` (e.g. ``"backbone.conv2"``).
         detach: store detached outputs (analysis; saves memory).
-        clone: store a copy, so a later in-place op (``ReLU(inplace=True)`` right after a hooked
-            ``Conv2d``) cannot overwrite the recorded values. Hooking whole blocks avoids the
-            issue without copying.
+        clone: store a copy (the default), so a later in-place op (``ReLU(inplace=True)`` right
+            after a hooked ``Linear``/``Conv2d``) cannot overwrite the recorded values; the copy
+            keeps the autograd graph. ``False`` saves the copy where no in-place op follows
+            (hooking whole blocks).
 
     Raises:
         ConfigError: a path names no module; the message lists existing paths.
     """
 
     def __init__(self, model: nn.Module, paths: Iterable[str], detach: bool = False,
-                 clone: bool = False, key: str = "layers") -> None:
+                 clone: bool = True, key: str = "layers") -> None:
         self.paths = list(dict.fromkeys(paths))
         self.modules = resolve_modules(model, self.paths, key)
         self.detach, self.clone = detach, clone

@@ -10,10 +10,10 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 import torchmetrics
-from lightning.pytorch.utilities.data import extract_batch_size
 from torch import nn
 
 from transfer_lab.strategies.base import Strategy
+from transfer_lab.strategies.common import hold_frozen_in_eval
 
 
 TASKS = ("classification", "regression")
@@ -28,7 +28,8 @@ class TransferModule(L.LightningModule):
 
     Args:
         model: the model to train (usually ``strategy.build(source, target)``).
-        strategy: supplies the loss, the parameter groups and callbacks.
+        strategy: supplies the loss terms, the parameter groups, its own trainable modules
+            (registered here as ``strategy_modules``) and callbacks.
         optimizer: a partial optimizer (``torch.optim.Adam``, ...) taking param groups.
         lr: base learning rate; the strategy derives group rates from it.
         num_classes: for the accuracy metrics.
@@ -66,7 +67,9 @@ class TransferModule(L.LightningModule):
             # per-class recall and its mean (balanced accuracy) from one DDP-synced confusion matrix
             self.test_confusion = torchmetrics.classification.MulticlassConfusionMatrix(**kw)
         self.test_per_class: list[float] | None = None
-        self.register_buffer("_loss_sum", torch.zeros(()), persistent=False)
+        # registered once: on the training device, in the optimizer, in checkpoints
+        self.strategy_modules = strategy.modules()
+        self._sums: dict[str, torch.Tensor] = {}  # per-term epoch sums, kept on the device
         self._loss_count = 0
 
     def task_loss(self, outputs: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -96,31 +99,31 @@ class TransferModule(L.LightningModule):
         return self.model(x)
 
     def train(self, mode: bool = True) -> TransferModule:
-        """Keep BatchNorm layers whose parameters are all frozen in eval mode (no stat drift)."""
+        """Keep fully frozen parts in eval mode: BatchNorm statistics do not drift (unless the
+        strategy's ``train_bn``) and Dropout does not mask features of a fixed extractor."""
         super().train(mode)
-        if mode and not self.strategy.train_bn:
-            for m in self.model.modules():
-                if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                    ps = list(m.parameters())
-                    if ps and not any(p.requires_grad for p in ps):
-                        m.eval()
+        if mode:
+            hold_frozen_in_eval(self.model, self.strategy.train_bn)
         return self
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
-        loss = self.strategy.training_loss(self, batch)
-        # The epoch-mean loss is summed on the device and logged once per epoch: no host sync
-        # per step, and none of ``self.log``'s per-call bookkeeping (~1% of a small CNN's step).
-        # the first element is the target batch (multitask/dann also carry a source batch of
-        # another size, which would make Lightning's guess over the whole batch ambiguous)
-        first = batch[0] if isinstance(batch, (tuple, list)) else batch
-        n = len(first) if isinstance(first, torch.Tensor) else extract_batch_size(first)
-        self._loss_sum += loss.detach().float() * n
+        step = self.strategy.loss(self.model, batch, self.task_loss)
+        if not step.terms:
+            raise ValueError(f"strategy={self.strategy.name}: loss() returned no loss terms; "
+                             "return at least {'task': task_loss(outputs, y)}")
+        loss = sum(step.terms.values())
+        self.update_train_metric(step.outputs, step.target)
+        # Epoch means are summed on the device and logged once per epoch: no host sync per
+        # step, and none of ``self.log``'s per-call bookkeeping (~1% of a small CNN's step).
+        n = len(step.target)
+        for name, value in (("loss", loss), *step.terms.items()):
+            term = value.detach().float() * n
+            self._sums[name] = self._sums[name] + term if name in self._sums else term
         self._loss_count += n
         return loss
 
     def on_train_epoch_start(self) -> None:
-        self._loss_sum.zero_()
-        self._loss_count = 0
+        self._sums, self._loss_count = {}, 0
         # Lightning sets the epoch only on a loader's ``.sampler``; our in-memory loaders shuffle
         # by their own epoch counter, which a resumed run would restart at 0 (replaying epoch 0's
         # order). Setting it from the trainer makes a resumed run see the uninterrupted order.
@@ -132,13 +135,16 @@ class TransferModule(L.LightningModule):
         metric = self.train_mse if self.task == "regression" else self.train_acc
         self.log("train/mse" if self.task == "regression" else "train/acc", metric.compute())
         metric.reset()
-        if self._loss_count:
-            loss = self._loss_sum / self._loss_count
-            self.log("train/loss", loss)
-            if not math.isfinite(float(loss)):  # the epoch's one host sync
-                raise NonFiniteLossError(f"non-finite training loss ({float(loss)}) in epoch "
-                                         f"{self.current_epoch} (global step {self.global_step}) "
-                                         f"with strategy={self.strategy.name}")
+        if not self._loss_count:
+            return
+        means = {k: v / self._loss_count for k, v in self._sums.items()}
+        for name, value in means.items():  # train/loss and train/<term> for each term
+            self.log(f"train/{name}", value)
+        loss = means["loss"]
+        if not math.isfinite(float(loss)):  # the epoch's one host sync
+            raise NonFiniteLossError(f"non-finite training loss ({float(loss)}) in epoch "
+                                     f"{self.current_epoch} (global step {self.global_step}) "
+                                     f"with strategy={self.strategy.name}")
 
     def _eval_step(self, batch: Any, stage: str) -> None:
         x, y = batch

@@ -12,7 +12,7 @@ from torch import nn
 
 from transfer_lab.errors import ConfigError
 from transfer_lab.models import Classifier, convnet, lenet, mlp
-from transfer_lab.strategies.base import copy_backbone
+from transfer_lab.strategies.common import copy_backbone
 from transfer_lab.strategies.partial import Partial
 from transfer_lab.transfer import net2deeper, net2wider, transfer_weights
 from transfer_lab.transfer.matching import ACTIONS, param_layers

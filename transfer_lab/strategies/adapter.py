@@ -6,7 +6,8 @@ from torch import nn
 
 from transfer_lab.errors import ConfigError
 from transfer_lab.models.classifier import Classifier
-from transfer_lab.strategies.base import Strategy, copy_backbone, freeze, match_modules
+from transfer_lab.strategies.base import Strategy
+from transfer_lab.strategies.common import copy_backbone, freeze, match_modules
 from transfer_lab.strategies.peft_layers import AdapterLayer, output_shapes, replace_module
 
 PREFIX = "adapter_"
@@ -30,7 +31,8 @@ class Adapter(Strategy):
 
     def __init__(self, layers: list[str] | None = None, reduction: int = 8, min_hidden: int = 4,
                  activation: str = "relu", train_bn: bool = False) -> None:
-        super().__init__(train_bn)
+        super().__init__()
+        self.train_bn = train_bn
         if reduction < 1 or min_hidden < 1:
             raise ConfigError(f"strategy.reduction={reduction}, strategy.min_hidden={min_hidden}: "
                               "both must be ≥ 1")

@@ -1,118 +1,104 @@
-"""The strategy extension surface: one small class, every hook defaulted but ``build``'s policy.
+"""The strategy extension surface: one small class, every hook defaulted but ``build``.
 
 A new strategy is one file in this package plus one YAML in ``conf/strategy/`` whose
-``_target_`` points at the class; nothing else is edited.
+``_target_`` points at the class; nothing else is edited. Shared pieces (copying, freezing,
+module globs, gradient reversal) live in ``transfer_lab.strategies.common``; a strategy never
+imports another strategy.
 """
 
 from __future__ import annotations
 
-import fnmatch
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
+import lightning as L
 import torch
 from torch import nn
 
-from transfer_lab.errors import ConfigError
 from transfer_lab.models.classifier import Classifier
+# re-exported: older callers (analysis) import these from here
+from transfer_lab.strategies.common import copy_backbone, freeze, match_modules  # noqa: F401
 
-if TYPE_CHECKING:
-    import lightning as L
+TaskLoss = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
-    from transfer_lab.module import TransferModule
+
+class Loss(NamedTuple):
+    """What a strategy's ``loss`` returns for one training batch.
+
+    Attributes:
+        terms: named loss terms, already weighted; the module sums them into the loss and logs
+            each as ``train/<name>`` (epoch mean).
+        outputs: the model's outputs on the labelled batch the train metric scores.
+        target: that batch's labels.
+    """
+
+    terms: dict[str, torch.Tensor]
+    outputs: torch.Tensor
+    target: torch.Tensor
 
 
 class Strategy:
     """How knowledge moves from a source model into a target model.
 
-    Hooks, in the order a run calls them:
+    The protocol (``TransferModule`` calls the hooks; a strategy never touches the module, its
+    metrics, logger or trainer):
 
-    * ``build(source, target)`` — make the model that trains on the target task.
-    * ``datamodule(target_dm, source_dm)`` — what the target stage trains on.
-    * ``param_groups(model, lr)`` — what trains, at which learning rate.
-    * ``training_loss(module, batch)`` — the loss; by default cross-entropy plus ``loss(...)``.
-    * ``loss(module, batch, outputs)`` — extra terms (penalties, distillation, ...).
-    * ``callbacks()`` — Lightning callbacks (e.g. unfreezing schedules).
-    * ``report()`` — extra facts for ``results.json``.
+    * ``build(source, target) -> nn.Module`` — **required**: make the model that trains on the
+      target task (copy, freeze, wrap, grow...). ``source`` is None when ``needs_source`` is False.
+    * ``modules() -> nn.ModuleDict`` — trainable modules the strategy owns besides the model
+      (hint regressors, a domain discriminator). The module registers them once: they move to
+      the training device, join the optimizer and are saved in checkpoints. Default: none.
+    * ``datamodule(target_dm, source_dm)`` — what the target stage trains on. A second training
+      stream (source batches, target images, per-sample teacher logits) is a
+      ``transfer_lab.data.paired.PairedData``, never a new wrapper. Default: ``target_dm``.
+    * ``param_groups(model, lr)`` — what trains at which learning rate. Default: every
+      trainable parameter of the model at ``lr``.
+    * ``loss(model, batch, task_loss) -> Loss`` — the batch's named loss terms, plus the outputs
+      and labels the train metric scores. ``task_loss(outputs, y)`` is the task's own loss
+      (class-weighted cross-entropy, or MSE for regression). Default: ``{"task": task_loss}``.
+    * ``callbacks()`` — Lightning callbacks (unfreezing schedules, λ schedules). Default: none.
+    * ``report()`` — facts for ``results.json["strategy_report"]``. Default: none.
 
-    Args:
-        train_bn: let BatchNorm layers inside frozen parts update their statistics.
+    Class attributes: ``needs_source`` (False: no source stage), ``tasks`` (the target tasks the
+    loss handles) and ``train_bn`` (BatchNorm layers inside frozen parts keep updating their
+    statistics; only strategies that freeze something take it as an argument).
     """
 
     needs_source: bool = True
-    #: the target tasks this strategy's loss handles (a regression strategy opts in)
     tasks: tuple[str, ...] = ("classification",)
-    #: compares cleanly only when source and target share one architecture
-    same_architecture: bool = True
+    train_bn: bool = False
 
-    def __init__(self, train_bn: bool = False) -> None:
-        self.train_bn = train_bn
+    def __init__(self) -> None:
         self.name = type(self).__name__
 
-    # --- hooks ------------------------------------------------------------------------------
     def build(self, source: Classifier | None, target: Classifier) -> nn.Module:
-        """Override to make the target model from the source. Default: copy the backbone."""
-        copy_backbone(source, target, self.name)
-        return target
+        """Override to make the target model from the source model."""
+        raise NotImplementedError(
+            f"{self.name} must override build(source, target) -> nn.Module (e.g. "
+            "transfer_lab.strategies.common.copy_backbone(source, target, name); return target)")
+
+    def modules(self) -> nn.ModuleDict:
+        """Override to declare trainable modules the strategy owns outside the model."""
+        return nn.ModuleDict()
 
     def datamodule(self, target_dm: L.LightningDataModule,
                    source_dm: L.LightningDataModule | None) -> L.LightningDataModule:
+        """Override to train on something else than the target data module."""
         return target_dm
 
     def param_groups(self, model: nn.Module, lr: float) -> list[dict[str, Any]]:
-        """Override to set per-group learning rates. Default: every trainable parameter at ``lr``."""
+        """Override to set per-group learning rates."""
         return [{"name": "all", "params": [p for p in model.parameters() if p.requires_grad],
                  "lr": lr}]
 
-    def training_loss(self, module: TransferModule, batch: Any) -> torch.Tensor:
+    def loss(self, model: nn.Module, batch: Any, task_loss: TaskLoss) -> Loss:
+        """Override to add loss terms or to train on another batch layout."""
         x, y = batch
-        outputs = module(x)
-        loss = module.task_loss(outputs, y)  # cross-entropy (class-weighted), or MSE for regression
-        extra = self.loss(module, batch, outputs)
-        module.update_train_metric(outputs, y)
-        return loss if extra is None else loss + extra
+        outputs = model(x)
+        return Loss({"task": task_loss(outputs, y)}, outputs, y)
 
-    def loss(self, module: TransferModule, batch: Any, outputs: torch.Tensor) -> torch.Tensor | None:
-        """Override to add terms to the task loss (cross-entropy or MSE). Default: none."""
-        return None
-
-    def callbacks(self) -> list:
+    def callbacks(self) -> list[L.Callback]:
         return []
 
     def report(self) -> dict[str, Any]:
         return {}
-
-
-# --- helpers strategies share -----------------------------------------------------------------
-def copy_backbone(source: Classifier | None, target: Classifier, strategy: str) -> None:
-    """Copy every backbone tensor from source to target; fail naming the first mismatch."""
-    if source is None:
-        raise ConfigError(f"strategy={strategy} needs a source model")
-    src, tgt = source.backbone.state_dict(), target.backbone.state_dict()
-    for k, v in tgt.items():
-        if k not in src or src[k].shape != v.shape:
-            got = tuple(src[k].shape) if k in src else "missing"
-            raise ConfigError(
-                f"strategy={strategy} copies the source backbone, but backbone.{k} differs "
-                f"(target {tuple(v.shape)}, source {got}); use the same model on both sides, "
-                "or strategy=weight_transfer / distill for different architectures")
-    target.backbone.load_state_dict(src)
-
-
-def freeze(module: nn.Module) -> None:
-    """Stop gradients; BatchNorm statistics stay put too (``TransferModule.train`` honours it)."""
-    for p in module.parameters():
-        p.requires_grad_(False)
-    module.eval()
-
-
-def match_modules(model: nn.Module, patterns: list[str], key: str) -> list[str]:
-    """Module paths matching any glob; a glob that matches nothing is a config error."""
-    names = [n for n, _ in model.named_modules() if n]
-    out: list[str] = []
-    for pat in patterns:
-        hits = [n for n in names if fnmatch.fnmatchcase(n, pat)]
-        if not hits:
-            raise ConfigError(f"{key}: {pat!r} matches no module; modules are e.g. "
-                              f"{', '.join(names[:12])}")
-        out += [h for h in hits if h not in out]
-    return out

@@ -7,6 +7,7 @@ from torch import nn
 from transfer_lab.errors import ConfigError
 from transfer_lab.models.classifier import Classifier
 from transfer_lab.strategies.base import Strategy
+from transfer_lab.strategies.common import copy_backbone
 
 
 class Discriminative(Strategy):
@@ -19,15 +20,18 @@ class Discriminative(Strategy):
 
     Args:
         decay: LR ratio between consecutive blocks, in (0, 1] (1 is plain fine-tuning).
-        train_bn: unused here (nothing is frozen); kept for the common interface.
     """
 
-    def __init__(self, decay: float = 0.5, train_bn: bool = False) -> None:
-        super().__init__(train_bn)
+    def __init__(self, decay: float = 0.5) -> None:
+        super().__init__()
         if not 0 < decay <= 1:
             raise ConfigError(f"strategy.decay={decay}: must be in (0, 1]")
         self.decay = decay
         self.ladder: dict[str, float] = {}
+
+    def build(self, source: Classifier | None, target: Classifier) -> nn.Module:
+        copy_backbone(source, target, "discriminative")
+        return target
 
     def ladder_for(self, model: nn.Module, lr: float) -> dict[str, float]:
         """``{group name: lr}``: head first, then blocks from the output side down."""

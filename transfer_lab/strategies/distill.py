@@ -11,29 +11,28 @@ attention transfer (Zagoruyko & Komodakis, 2017)::
 (``transfer_lab.hooks``) at module paths given in the config.
 
 Where the extra parameters live: the teacher is *not* registered anywhere (no gradients, not
-saved with the student, moved to the batch's device on first use). The hint regressors *must*
-train, but ``build`` runs before the ``TransferModule`` exists, and modules attached to it
-after ``configure_optimizers`` would never reach the optimizer. So ``build`` creates them (their
-shapes come from one dry forward of both models) and ``callbacks()`` returns an
-``AttachModules`` callback whose ``setup`` — which Lightning calls before
-``configure_optimizers`` and before moving the module to its device — registers them on the
-``TransferModule`` as ``distill_regressors``. ``TransferModule`` puts such parameters in its
-``strategy`` optimizer group; the student model itself stays a plain ``Classifier`` (its saved
-weights and parameter count are the student's alone).
+saved with the student, moved to the batch's device on first use). The hint regressors train:
+``build`` creates them (their shapes come from one dry forward of both models) and ``modules()``
+declares them, so ``TransferModule`` registers them (device, optimizer, checkpoints); the student
+model itself stays a plain ``Classifier`` (its saved weights and parameter count are its own).
+
+Both captures are cloned: a hooked leaf followed by an in-place ReLU (``backbone.fc1.0`` of
+``mlp``) would otherwise hand over its post-ReLU values on one side only.
 
 Teacher cost: with logits only (no hints/attention) and deterministic training batches (target
 ``augment=none``, in-memory loader), the teacher's output for an image never changes, so
 ``cache_teacher`` (default ``auto``) runs the teacher once over the training set at ``setup`` and
 the training loader yields ``(x, y, teacher_logits)`` — one teacher forward per image per run
-instead of per image per epoch. The cached loader is the target's own ``BatchLoader`` (same
-seed, same per-epoch permutation), so cached and uncached runs see the same batches.
+instead of per image per epoch. The logits are per-sample rows of ``PairedData``, picked by the
+positions of the target's own ``BatchLoader`` (same seed, same per-epoch permutation), so cached
+and uncached runs see the same batches.
 """
 
 from __future__ import annotations
 
 import copy
 import time
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import lightning as L
 import torch
@@ -41,14 +40,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from transfer_lab.data.datamodule import TransferDataModule
+from transfer_lab.data.paired import PairedData
 from transfer_lab.errors import ConfigError
-from transfer_lab.data.loader import BatchLoader
 from transfer_lab.hooks import FeatureCapture, capture_features
 from transfer_lab.models.classifier import Classifier
-from transfer_lab.strategies.base import Strategy, freeze
-
-if TYPE_CHECKING:
-    from transfer_lab.module import TransferModule
+from transfer_lab.strategies.base import Loss, Strategy, TaskLoss
+from transfer_lab.strategies.common import freeze
 
 
 def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
@@ -66,18 +63,6 @@ def attention_map(f: torch.Tensor, size: tuple[int, int] | None = None) -> torch
     if size is not None and tuple(a.shape[-2:]) != tuple(size):
         a = F.interpolate(a, size=size, mode="bilinear", align_corners=False)
     return F.normalize(a.flatten(1), dim=1)
-
-
-class AttachModules(L.Callback):
-    """Registers ``modules`` on the LightningModule as ``name`` in ``setup`` (before the optimizer
-    is configured), so strategy-owned trainable modules are optimised and moved to the device."""
-
-    def __init__(self, name: str, modules: nn.Module) -> None:
-        self.name, self.modules = name, modules
-
-    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        if getattr(pl_module, self.name, None) is not self.modules:
-            pl_module.add_module(self.name, self.modules)
 
 
 def _pairs(value: Any, key: str) -> list[tuple[str, str]]:
@@ -104,16 +89,13 @@ class Distill(Strategy):
         cache_teacher: ``auto`` (cache the teacher's logits once per training set when valid: KD
             term on, no hints/attention, target ``augment=none`` and no ``imbalance_remedy=augment``,
             ``loader=memory``), ``true`` (the same, but an invalid setting is an error) or ``false``.
-        train_bn: see ``Strategy``.
     """
-
-    same_architecture = False
 
     def __init__(self, temperature: float = 4.0, ce_weight: float = 1.0, kd_weight: float = 1.0,
                  hints: list[list[str]] | None = None, hint_weight: float = 1.0,
                  attention: list[list[str]] | None = None, attention_weight: float = 1000.0,
-                 cache_teacher: str | bool = "auto", train_bn: bool = False) -> None:
-        super().__init__(train_bn)
+                 cache_teacher: str | bool = "auto") -> None:
+        super().__init__()
         if temperature <= 0:
             raise ConfigError(f"strategy.temperature={temperature}: must be > 0")
         if cache_teacher not in ("auto", True, False):
@@ -138,7 +120,8 @@ class Distill(Strategy):
         freeze(self.teacher)
         s_paths = [s for s, _ in self.hints + self.attention]
         t_paths = [t for _, t in self.hints + self.attention]
-        self.s_capture = FeatureCapture(target, s_paths, key="strategy.hints/attention (student)")
+        self.s_capture = FeatureCapture(target, s_paths, clone=True,
+                                        key="strategy.hints/attention (student)")
         self.t_capture = FeatureCapture(self.teacher, t_paths, clone=True,
                                         key="strategy.hints/attention (teacher)")
         fs = _dry_features(target, s_paths)
@@ -165,7 +148,7 @@ class Distill(Strategy):
             raise ConfigError(f"strategy.cache_teacher=true: cannot cache the teacher's logits ({why_not})")
         self.cache_info = {"used": not why_not and self.cache_teacher is not False,
                            "reason": why_not or ("off" if self.cache_teacher is False else "valid")}
-        return TeacherLogitCache(target_dm, self.cache_logits) if self.cache_info["used"] else target_dm
+        return PairedData(target_dm, per_sample=self.cache_logits) if self.cache_info["used"] else target_dm
 
     def _cache_blocker(self, dm: L.LightningDataModule) -> str | None:
         """Why the teacher's logits for an image can change between epochs (None: they cannot)."""
@@ -198,8 +181,8 @@ class Distill(Strategy):
         self.cache_info["seconds"] = round(time.perf_counter() - t0, 3)
         return torch.cat(out).to(dm.y_train.device)
 
-    def callbacks(self) -> list:
-        return [AttachModules("distill_regressors", self.regressors)] if len(self.regressors) else []
+    def modules(self) -> nn.ModuleDict:
+        return nn.ModuleDict({"regressors": self.regressors})
 
     # --- training ---------------------------------------------------------------------------
     def teacher_input(self, x: torch.Tensor) -> torch.Tensor:
@@ -228,38 +211,42 @@ class Distill(Strategy):
             x = F.interpolate(x, size=(h, w), mode="bilinear", antialias=True, align_corners=False)
         return (x - st["s_mean"].to(x).view(view)) / st["s_std"].to(x).view(view)
 
-    def training_loss(self, module: TransferModule, batch: Any) -> torch.Tensor:
-        x, y, *cached = batch  # (x, y, teacher_logits) from TeacherLogitCache's loader
+    def loss(self, model: nn.Module, batch: Any, task_loss: TaskLoss) -> Loss:
+        x, y, *cached = batch  # (x, y, teacher_logits) when the teacher's logits are cached
         t_logits = cached[0] if cached else None
         if (self.kd_weight and t_logits is None) or self.hints or self.attention:
-            teacher = self.teacher  # kd_weight=0 alone: the student alone, no teacher forward
-            if next(teacher.parameters()).device != x.device:
-                teacher.to(x.device)
-            teacher.eval()  # Lightning's train() calls never reach it: it is not registered
-            with torch.no_grad(), self.t_capture:
-                t_logits = teacher(self.teacher_input(x))
+            t_logits = self._teacher_forward(x)  # kd_weight=0 alone: no teacher forward
         with self.s_capture:
-            logits = module(x)
-        terms = {"ce": F.cross_entropy(logits, y, weight=module.class_weights)}
+            logits = model(x)
+        terms = {"ce": self.ce_weight * task_loss(logits, y)}
         if self.kd_weight:
-            terms["kd"] = kd_loss(logits, t_logits, self.temperature)
-        for i, (s, t) in enumerate(self.hints):
-            f_t = self.t_capture[t]
-            f_s = self.regressors[f"hint{i}"](self.s_capture[s])
-            if f_s.ndim == 4 and f_s.shape[-2:] != f_t.shape[-2:]:
-                f_s = F.adaptive_avg_pool2d(f_s, f_t.shape[-2:])
-            terms["hint"] = terms.get("hint", 0) + F.mse_loss(f_s, f_t)
-        for s, t in self.attention:
-            f_t = self.t_capture[t]
-            a_s = attention_map(self.s_capture[s], tuple(f_t.shape[-2:]))
-            terms["at"] = terms.get("at", 0) + (a_s - attention_map(f_t)).pow(2).mean()
-        weights = {"ce": self.ce_weight, "kd": self.kd_weight, "hint": self.hint_weight,
-                   "at": self.attention_weight}
-        loss = sum(weights[k] * v for k, v in terms.items())
-        for k, v in terms.items():
-            module.log(f"train/{k}", v.detach(), on_step=False, on_epoch=True, batch_size=len(y))
-        module.train_acc.update(logits.detach(), y)
-        return loss
+            terms["kd"] = self.kd_weight * kd_loss(logits, t_logits, self.temperature)
+        if self.hints:
+            terms["hint"] = self.hint_weight * sum(self._hint(i, s, t) for i, (s, t) in enumerate(self.hints))
+        if self.attention:
+            terms["at"] = self.attention_weight * sum(self._attention(s, t) for s, t in self.attention)
+        return Loss(terms, logits, y)
+
+    @torch.no_grad()
+    def _teacher_forward(self, x: torch.Tensor) -> torch.Tensor:
+        teacher = self.teacher
+        if next(teacher.parameters()).device != x.device:
+            teacher.to(x.device)
+        teacher.eval()  # Lightning's train() calls never reach it: it is not registered
+        with self.t_capture:
+            return teacher(self.teacher_input(x))
+
+    def _hint(self, i: int, s: str, t: str) -> torch.Tensor:
+        f_t = self.t_capture[t]
+        f_s = self.regressors[f"hint{i}"](self.s_capture[s])
+        if f_s.ndim == 4 and f_s.shape[-2:] != f_t.shape[-2:]:
+            f_s = F.adaptive_avg_pool2d(f_s, f_t.shape[-2:])
+        return F.mse_loss(f_s, f_t)
+
+    def _attention(self, s: str, t: str) -> torch.Tensor:
+        f_t = self.t_capture[t]
+        a_s = attention_map(self.s_capture[s], tuple(f_t.shape[-2:]))
+        return (a_s - attention_map(f_t)).pow(2).mean()
 
     def report(self) -> dict[str, Any]:
         return {"temperature": self.temperature, "ce_weight": self.ce_weight,
@@ -267,55 +254,6 @@ class Distill(Strategy):
                 "attention": [list(p) for p in self.attention],
                 "cache_teacher": self.cache_teacher, "teacher_cache": self.cache_info,
                 "params": getattr(self, "param_counts", None)}
-
-
-class CachedLogitLoader(BatchLoader):
-    """The target's training ``BatchLoader`` yielding ``(x, y, teacher_logits)``.
-
-    It shuffles positions ``0..N-1`` with the wrapped loader's own settings (seed, epoch, sample
-    weights, DDP share), so batches and their order are exactly those of the uncached loader;
-    labels and logits are then picked by position.
-    """
-
-    def __init__(self, base: BatchLoader, logits: torch.Tensor) -> None:
-        self.__dict__.update(base.__dict__)
-        self.labels, self.logits = base.y, logits
-        self.y = torch.arange(len(base.y), device=base.y.device)
-
-    def __iter__(self):
-        for x, pos in super().__iter__():
-            yield x, self.labels[pos], self.logits[pos]
-
-
-class TeacherLogitCache(L.LightningDataModule):
-    """The target data module plus the teacher's logits of every training image, computed once
-    at ``setup`` by ``compute(dm, trainer)``; validation and test batches pass through unchanged."""
-
-    def __init__(self, dm: TransferDataModule, compute) -> None:
-        super().__init__()
-        self.dm, self.compute = dm, compute
-        self.logits: torch.Tensor | None = None
-
-    def setup(self, stage: str | None = None) -> None:
-        self.dm.trainer = self.trainer  # the wrapped module reads device, rank and mode from it
-        self.dm.setup(stage)
-        if self.logits is None or self.logits.device != self.dm.y_train.device:
-            self.logits = self.compute(self.dm, self.trainer)
-
-    def train_dataloader(self) -> CachedLogitLoader:
-        return CachedLogitLoader(self.dm.train_dataloader(), self.logits)
-
-    def val_dataloader(self):
-        return self.dm.val_dataloader()
-
-    def test_dataloader(self):
-        return self.dm.test_dataloader()
-
-    def on_after_batch_transfer(self, batch, dataloader_idx: int):
-        if len(batch) == 3:
-            x, y, t = batch
-            return (*self.dm.on_after_batch_transfer((x, y), dataloader_idx), t)
-        return self.dm.on_after_batch_transfer(batch, dataloader_idx)
 
 
 @torch.no_grad()

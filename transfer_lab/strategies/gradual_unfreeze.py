@@ -9,7 +9,8 @@ from torch.optim import Optimizer
 
 from transfer_lab.errors import ConfigError
 from transfer_lab.models.classifier import Classifier
-from transfer_lab.strategies.base import Strategy, copy_backbone, freeze
+from transfer_lab.strategies.base import Strategy
+from transfer_lab.strategies.common import copy_backbone, freeze
 
 
 class GradualUnfreeze(Strategy):
@@ -32,7 +33,8 @@ class GradualUnfreeze(Strategy):
 
     def __init__(self, start: int = 2, every: int = 2, schedule: list[int] | None = None,
                  lr_ratio: float = 0.1, train_bn: bool = False) -> None:
-        super().__init__(train_bn)
+        super().__init__()
+        self.train_bn = train_bn
         if start < 0 or every < 1:
             raise ConfigError(f"strategy.start={start}, strategy.every={every}: need start ≥ 0, every ≥ 1")
         if schedule is not None and any(e < 0 for e in schedule):
@@ -62,7 +64,7 @@ class GradualUnfreeze(Strategy):
         return target
 
     def callbacks(self) -> list:
-        return [UnfreezeSchedule(self.lr_ratio, self.train_bn)]
+        return [UnfreezeSchedule(self.lr_ratio)]
 
     def report(self) -> dict[str, Any]:
         out: dict[str, Any] = {"unfreeze_epoch": self.plan, "lr_ratio": self.lr_ratio}
@@ -82,9 +84,9 @@ class UnfreezeSchedule(BaseFinetuning):
     unfreezes every block whose epoch has come (``>=``), adding only groups the optimizer lacks.
     """
 
-    def __init__(self, lr_ratio: float, train_bn: bool = False) -> None:
+    def __init__(self, lr_ratio: float) -> None:
         super().__init__()
-        self.lr_ratio, self.train_bn = lr_ratio, train_bn
+        self.lr_ratio = lr_ratio  # BatchNorm of frozen blocks: TransferModule.train honours train_bn
         self.unfrozen: list[str] = []
 
     @staticmethod

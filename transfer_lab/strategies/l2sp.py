@@ -1,16 +1,14 @@
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import nn
 
 from transfer_lab.errors import ConfigError
 from transfer_lab.models.classifier import Classifier
-from transfer_lab.strategies.base import Strategy, copy_backbone
-
-if TYPE_CHECKING:
-    from transfer_lab.module import TransferModule
+from transfer_lab.strategies.base import Loss, Strategy, TaskLoss
+from transfer_lab.strategies.common import copy_backbone
 
 
 class L2SP(Strategy):
@@ -24,13 +22,12 @@ class L2SP(Strategy):
     Args:
         alpha: strength of the pull toward the source backbone weights.
         beta: plain L2 strength on the new head.
-        train_bn: unused here (nothing is frozen); kept for the common interface.
     """
 
     tasks = ("classification", "regression")
 
-    def __init__(self, alpha: float = 0.1, beta: float = 0.01, train_bn: bool = False) -> None:
-        super().__init__(train_bn)
+    def __init__(self, alpha: float = 0.1, beta: float = 0.01) -> None:
+        super().__init__()
         if alpha < 0 or beta < 0:
             raise ConfigError(f"strategy.alpha={alpha}, strategy.beta={beta}: must be ≥ 0")
         self.alpha, self.beta = alpha, beta
@@ -70,8 +67,9 @@ class L2SP(Strategy):
         return (0.5 * self.alpha * (zero if pull is None else pull)
                 + 0.5 * self.beta * (zero if new is None else new))
 
-    def loss(self, module: TransferModule, batch: Any, outputs: torch.Tensor) -> torch.Tensor:
-        return self.penalty(module.model)
+    def loss(self, model: nn.Module, batch: Any, task_loss: TaskLoss) -> Loss:
+        out = super().loss(model, batch, task_loss)
+        return Loss({**out.terms, "l2sp": self.penalty(model)}, out.outputs, out.target)
 
     def report(self) -> dict[str, Any]:
         out: dict[str, Any] = {"alpha": self.alpha, "beta": self.beta}

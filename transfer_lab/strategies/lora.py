@@ -6,7 +6,8 @@ from torch import nn
 
 from transfer_lab.errors import ConfigError
 from transfer_lab.models.classifier import Classifier
-from transfer_lab.strategies.base import Strategy, copy_backbone, freeze, match_modules
+from transfer_lab.strategies.base import Strategy
+from transfer_lab.strategies.common import copy_backbone, freeze, match_modules
 from transfer_lab.strategies.peft_layers import LoRALayer, merge_lora, replace_module
 
 PREFIX = "lora_"
@@ -32,7 +33,8 @@ class LoRA(Strategy):
 
     def __init__(self, r: int = 4, alpha: float = 8.0, dropout: float = 0.0,
                  layers: list[str] | None = None, train_bn: bool = False) -> None:
-        super().__init__(train_bn)
+        super().__init__()
+        self.train_bn = train_bn
         if r < 1:
             raise ConfigError(f"strategy.r={r}: the rank must be ≥ 1")
         if not 0 <= dropout < 1:

@@ -1,9 +1,9 @@
+"""Multi-task learning with hard parameter sharing: the source task keeps training beside the target."""
+
 from __future__ import annotations
 
 import copy
-import itertools
-from collections.abc import Iterator
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import lightning as L
 import torch
@@ -11,12 +11,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from transfer_lab.data.datamodule import TransferDataModule
+from transfer_lab.data.paired import PairedData
 from transfer_lab.errors import ConfigError
 from transfer_lab.models.classifier import Classifier
-from transfer_lab.strategies.base import Strategy, copy_backbone
-
-if TYPE_CHECKING:
-    from transfer_lab.module import TransferModule
+from transfer_lab.strategies.base import Loss, Strategy, TaskLoss
+from transfer_lab.strategies.common import copy_backbone
 
 
 class MultiTaskClassifier(Classifier):
@@ -47,12 +46,10 @@ class MultiTask(Strategy):
     Args:
         source_weight: weight of the source-task loss.
         target_weight: weight of the target-task loss.
-        train_bn: unused here (nothing is frozen); kept for the common interface.
     """
 
-    def __init__(self, source_weight: float = 1.0, target_weight: float = 1.0,
-                 train_bn: bool = False) -> None:
-        super().__init__(train_bn)
+    def __init__(self, source_weight: float = 1.0, target_weight: float = 1.0) -> None:
+        super().__init__()
         if source_weight < 0 or target_weight <= 0:
             raise ConfigError(f"strategy.source_weight={source_weight}, strategy.target_weight="
                               f"{target_weight}: need source_weight ≥ 0 and target_weight > 0")
@@ -71,27 +68,20 @@ class MultiTask(Strategy):
             raise ConfigError("strategy=multitask trains on the source data too, but there is no "
                               "source data module (source.checkpoint is set?); use source.data")
         self.source_dm = source_dm
-        return JointDataModule(target_dm, source_dm)
+        return PairedData(target_dm, second=source_dm)
 
-    def training_loss(self, module: TransferModule, batch: Any) -> torch.Tensor:
-        (xt, yt), (xs, ys) = batch
-        model = module.model
+    def loss(self, model: nn.Module, batch: Any, task_loss: TaskLoss) -> Loss:
+        xt, yt, (xs, ys) = batch
         if xt.shape[1:] == xs.shape[1:]:
             # one backbone pass over both: BatchNorm sees the mixed batch its running stats mirror
             feats = model.backbone(torch.cat([xt, xs]))
             ft, fs = feats[: len(xt)], feats[len(xt):]
         else:
             ft, fs = model.backbone(xt), model.backbone(xs)
-        logits_t, logits_s = model.head(ft), model.source_head(fs)
-        loss_t = F.cross_entropy(logits_t, yt, weight=module.class_weights)
-        loss_s = F.cross_entropy(logits_s, ys)
-        module.train_acc.update(logits_t.detach(), yt)
-        if module._trainer is not None:
-            module.log("train/source_loss", loss_s.detach(), on_step=False, on_epoch=True,
-                       batch_size=len(ys))
-        loss = self.target_weight * loss_t + self.source_weight * loss_s
-        extra = self.loss(module, batch, logits_t)
-        return loss if extra is None else loss + extra
+        logits_t = model.head(ft)
+        terms = {"task": self.target_weight * task_loss(logits_t, yt),
+                 "source": self.source_weight * F.cross_entropy(model.source_head(fs), ys)}
+        return Loss(terms, logits_t, yt)
 
     @torch.no_grad()
     def source_accuracy(self) -> dict[str, float]:
@@ -119,78 +109,3 @@ class MultiTask(Strategy):
         if self.model is not None and self.source_dm is not None:
             out["source_task"] = self.source_accuracy()
         return out
-
-
-class JointDataModule(L.LightningDataModule):
-    """Training batches ``((x_t, y_t), (x_s, y_s))`` from the target and source data modules;
-    validation and test batches are the target's. Each side is normalised (and augmented) by
-    its own data module's ``transform``."""
-
-    def __init__(self, target: TransferDataModule, source: TransferDataModule) -> None:
-        super().__init__()
-        self.target, self.source = target, source
-
-    def setup(self, stage: str | None = None) -> None:
-        for dm in (self.target, self.source):
-            dm.trainer = self.trainer  # device placement and train/eval come from the trainer
-            dm.setup(stage)
-
-    def train_dataloader(self) -> JointLoader:
-        return JointLoader(self.target.train_dataloader(), self.source.train_dataloader())
-
-    def val_dataloader(self):
-        return self.target.val_dataloader()
-
-    def test_dataloader(self):
-        return self.target.test_dataloader()
-
-    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
-        training = self.trainer is not None and self.trainer.training
-        if isinstance(batch[0], (tuple, list)):
-            (xt, yt), (xs, ys) = batch
-            return ((self.target.transform(xt, training, yt), yt),  # labels: imbalance_remedy=augment
-                    (self.source.transform(xs, training, ys), ys))
-        x, y = batch
-        return self.target.transform(x, training), y
-
-
-class JointLoader:
-    """One pass over ``target`` per epoch, each batch paired with the next batch of a cycling
-    ``source`` loader (which reshuffles at every wrap)."""
-
-    def __init__(self, target, source) -> None:
-        self.target, self.source = target, source
-        self._source_iter: Iterator | None = None
-        self._consumed = 0  # source batches drawn so far
-
-    def __len__(self) -> int:
-        return len(self.target)
-
-    def set_epoch(self, epoch: int) -> None:
-        """Put both loaders where an uninterrupted run would be at ``epoch`` (resume): the source
-        has then given ``epoch · len(target)`` batches of its cycling passes."""
-        if hasattr(self.target, "set_epoch"):
-            self.target.set_epoch(epoch)
-        consumed = epoch * len(self.target)
-        if consumed == self._consumed or not hasattr(self.source, "set_epoch"):
-            return  # the running source iterator is already there
-        passes, offset = divmod(consumed, max(1, len(self.source)))
-        self.source.set_epoch(passes)
-        self._source_iter = iter(self.source)
-        for _ in range(offset):
-            next(self._source_iter)
-        self._consumed = consumed
-
-    def _next_source(self) -> Any:
-        self._consumed += 1
-        if self._source_iter is None:
-            self._source_iter = iter(self.source)
-        try:
-            return next(self._source_iter)
-        except StopIteration:
-            self._source_iter = iter(self.source)
-            return next(self._source_iter)
-
-    def __iter__(self):
-        for tb in itertools.islice(iter(self.target), len(self.target)):
-            yield tb, self._next_source()

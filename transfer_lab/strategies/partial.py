@@ -2,7 +2,8 @@ from torch import nn
 
 from transfer_lab.errors import ConfigError
 from transfer_lab.models.classifier import Classifier
-from transfer_lab.strategies.base import Strategy, freeze, match_modules
+from transfer_lab.strategies.base import Strategy
+from transfer_lab.strategies.common import freeze, match_modules
 
 
 class Partial(Strategy):
@@ -11,14 +12,17 @@ class Partial(Strategy):
     Args:
         blocks: transfer the first ``blocks`` backbone blocks (see ``Classifier.named_blocks``).
         layers: or module-path globs, e.g. ``["backbone.conv1*", "backbone.conv2.0"]``.
-        freeze_transferred: freeze what was transferred (weights and BatchNorm statistics).
+        freeze_transferred: freeze what was transferred (weights; BatchNorm statistics and
+            Dropout held in eval mode).
+        train_bn: let BatchNorm statistics in the frozen layers update.
     """
 
     tasks = ("classification", "regression")
 
     def __init__(self, blocks: int | None = 1, layers: list[str] | None = None,
                  freeze_transferred: bool = True, train_bn: bool = False) -> None:
-        super().__init__(train_bn)
+        super().__init__()
+        self.train_bn = train_bn
         if (blocks is None) == (not layers):
             raise ConfigError("strategy: partial needs exactly one of strategy.blocks or "
                               f"strategy.layers (got blocks={blocks}, layers={layers})")

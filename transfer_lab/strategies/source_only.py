@@ -7,17 +7,18 @@ from typing import Any
 import lightning as L
 from torch import nn
 
+from transfer_lab.data.paired import PairedData
 from transfer_lab.errors import ConfigError
 from transfer_lab.models.classifier import Classifier
 from transfer_lab.strategies.base import Strategy
-from transfer_lab.strategies.dann import DomainData, copy_model
+from transfer_lab.strategies.common import copy_model
 
 
 class SourceOnly(Strategy):
     """Start from the source model and keep training on labelled source data only.
 
-    Same init, data path (``DomainData``), epochs and evaluation on the target test set as
-    ``dann``, without target images or the domain loss: the gap to ``dann`` is the adaptation.
+    Same init, source batches, epochs and evaluation on the target test set as ``dann``, without
+    target images or the domain loss: the gap to ``dann`` is the adaptation.
     """
 
     def build(self, source: Classifier | None, target: Classifier) -> nn.Module:
@@ -29,7 +30,7 @@ class SourceOnly(Strategy):
         if source_dm is None:
             raise ConfigError("strategy=source_only trains on the source data; a source.checkpoint "
                               "without source data cannot be used")
-        return DomainData(source_dm, target_dm, with_target=False)
+        return PairedData(source_dm, evaluate=target_dm)
 
     def report(self) -> dict[str, Any]:
         return {"init": "source model", "trained_on": "source train split only"}

@@ -15,7 +15,8 @@ from torch import nn
 from transfer_lab.errors import ConfigError
 from transfer_lab.models.classifier import Classifier
 from transfer_lab.strategies.base import Strategy
-from transfer_lab.transfer import format_report, net2deeper, net2wider, summarize, transfer_weights
+from transfer_lab.transfer import (check_function, format_report, net2deeper, net2wider, summarize,
+                                  transfer_weights)
 
 
 class WeightTransfer(Strategy):
@@ -29,14 +30,11 @@ class WeightTransfer(Strategy):
         noise: Net2Wider symmetry-breaking noise (relative std; 0 keeps the function exactly).
         include_head: transfer the classifier head too (only meaningful when the target task
             has the source's classes); by default the head keeps its fresh init.
-        train_bn: see ``Strategy``.
     """
 
-    same_architecture = False
-
     def __init__(self, widen: list[list[Any]] | None = None, deepen: list[str] | None = None,
-                 noise: float = 0.0, include_head: bool = False, train_bn: bool = False) -> None:
-        super().__init__(train_bn)
+                 noise: float = 0.0, include_head: bool = False) -> None:
+        super().__init__()
         self.widen = []
         for step in widen or []:
             if len(step) != 2:
@@ -47,11 +45,16 @@ class WeightTransfer(Strategy):
         self.rows: list[dict[str, Any]] = []
 
     def grow(self, source: Classifier) -> Classifier:
-        """The source after the configured Net2Net steps (a new model; the source is untouched)."""
+        """The source after the configured Net2Net steps (a new model; the source is untouched).
+        Each step is checked to run and, without noise, to keep the source's function."""
         for layer, width in self.widen:
-            source = net2wider(source, layer, width, noise=self.noise)
+            grown = net2wider(source, layer, width, noise=self.noise)
+            check_function(source, grown, f"strategy.widen=[{layer}, {width}]", exact=not self.noise)
+            source = grown
         for after in self.deepen:
-            source = net2deeper(source, after)
+            grown = net2deeper(source, after)
+            check_function(source, grown, f"strategy.deepen=[{after}]")
+            source = grown
         return source
 
     def build(self, source: Classifier | None, target: Classifier) -> nn.Module:

@@ -180,3 +180,36 @@ def net2deeper(model: nn.Module, after: str, name: str | None = None,
     for k, v in items:
         parent.add_module(k, v)
     return model
+
+
+@torch.no_grad()
+def check_function(before: nn.Module, after: nn.Module, step: str, exact: bool = True,
+                   tol: float = 1e-4) -> None:
+    """Raise ``ConfigError`` (one line, naming ``step``) unless ``after`` runs on the model's input
+    shape and — when ``exact`` — gives ``before``'s outputs (eval mode, to ``tol`` relative to
+    the output scale). Net2Net's promise is checked, not assumed: a block that ends in
+    ``Flatten`` or a residual stem breaks it."""
+    shape = getattr(before, "input_shape", None)
+    if shape is None:
+        raise ConfigError(f"{step}: cannot check the grown model (it has no input_shape)")
+    device = next(before.parameters()).device
+    x = torch.randn(4, *shape, generator=torch.Generator().manual_seed(0)).to(device)
+    modes = before.training, after.training
+    before.eval(), after.eval()
+    try:
+        want = before(x)
+        try:
+            got = after(x)
+        except RuntimeError as e:
+            reason = str(e).strip().splitlines()[0]
+            raise ConfigError(f"{step}: the grown source model fails at its first forward ({reason}); "
+                              "choose another layer/block") from None
+    finally:
+        before.train(modes[0]), after.train(modes[1])
+    if got.shape != want.shape:
+        raise ConfigError(f"{step}: the grown source model outputs {tuple(got.shape[1:])}, the source "
+                          f"{tuple(want.shape[1:])}; choose another layer/block")
+    diff = float((got - want).abs().max())
+    if exact and diff > tol * (1.0 + float(want.abs().max())):
+        raise ConfigError(f"{step}: the grown source model no longer computes the source's function "
+                          f"(max output difference {diff:.3g}); choose another layer/block")
