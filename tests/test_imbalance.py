@@ -58,7 +58,7 @@ def test_reweight_gives_inverse_frequency_weights_in_the_training_loss():
                             class_weights=w)
     x, y = dm.transform(dm.x_train, train=False), dm.y_train
     with torch.no_grad():
-        loss = Finetune().training_loss(module, (x, y))
+        loss = module.training_step((x, y), 0)
         logits = model(x)
     nll = F.cross_entropy(logits, y, reduction="none")
     assert float(loss) == pytest.approx(float((w[y] * nll).sum() / w[y].sum()), rel=1e-5)

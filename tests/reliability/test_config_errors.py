@@ -63,7 +63,7 @@ def test_missing_data_with_download_off_names_the_path(tmp_path):
     (["target.data.samples_per_class=abc"], "target.data.samples_per_class='abc': expected int or null"),
     (["target.data.classes=3"], "target.data.classes=3: expected Sequence[int] or null"),
     (["strategy=partial", "strategy.blocks=x"], "strategy.blocks='x': expected int"),
-    (["strategy.train_bn=maybe"], "strategy.train_bn='maybe': expected bool"),
+    (["strategy=linear_probe", "strategy.train_bn=maybe"], "strategy.train_bn='maybe': expected bool"),
     (["target.optimizer.lr=-0.1"], "target.optimizer.lr=-0.1: must be a finite number > 0"),
     (["+strategy.blockz=2"], "strategy.blockz: unknown option for transfer_lab.strategies.finetune"),
     (["+target.data.foo=1"], "target.data.foo: unknown option"),
