@@ -71,6 +71,8 @@ def test_torchvision_named_weights_declare_their_statistics():
     dc = model_data_config(cfg)  # no download: the weights enum knows its transforms
     assert dc["mean"] == pytest.approx([0.485, 0.456, 0.406]) and dc["input_size"] == [3, 224, 224]
     assert model_data_config({**cfg, "weights": None}) is None
+    own = model_data_config({**cfg, "weights": "mine.safetensors", "mean": [0.5] * 3, "std": [0.2] * 3})
+    assert own["mean"] == [0.5] * 3 and own["input_size"] is None  # a local file's size is unknown
 
 
 def test_mobilenet_hidden_layer_is_backbone_and_transfers():

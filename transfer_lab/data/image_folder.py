@@ -1,19 +1,12 @@
 """``data=image_folder``: a folder per class (torchvision's ``ImageFolder`` layout), decoded once.
 
-``root/train/<class>/*`` and optionally ``root/test/<class>/*`` (without a test folder, a seeded
-stratified ``test_fraction`` of each class is the test set, fixed by ``split_seed`` like a real
-dataset's split). Any file PIL registers an extension for is read; each image is centre-cropped
-to a square and resized to ``image_size`` (``PIL.ImageOps.fit``), converted to grey or RGB as the
-model needs, and the whole folder is stored once as uint8 ``.npy`` arrays under ``cache_dir``,
-keyed by the folder's content (relative names, sizes, mtimes) and the decode settings: a second
-run reads the arrays, a changed file makes a new entry.
-
-Arrays that fit ``memory_budget_mb`` go through the base class like any dataset (in memory,
-batched on-device transforms). Larger ones are streamed: labels, class subsets, budgets,
-imbalance and the validation split are still the base class's (it runs on a one-pixel stand-in
-per image that carries the image's row), and batches are read from the memory-mapped array by a
-``DataLoader`` with workers, in the order the in-memory loader would draw them, then normalised
-and augmented by the same batch transform.
+Each image is fitted to ``image_size`` (centre crop + resize, ``PIL.ImageOps.fit``) as grey or RGB,
+and the folder is stored once as uint8 ``.npy`` arrays under ``cache_dir``, keyed by its content
+(relative names, sizes, mtimes) and the decode settings. Arrays within ``memory_budget_mb`` go
+through the base class like any dataset; larger ones are streamed: the base class still does
+labels, class subsets, budgets, imbalance and the validation split (on a one-pixel stand-in per
+image carrying its row), and a ``DataLoader`` with workers reads batches from the memory map in
+the in-memory loader's order, for the same batch transform.
 """
 
 from __future__ import annotations
@@ -314,7 +307,7 @@ class RowImages:
 
 
 class _Batches(Dataset):
-    """One whole batch per item (a sorted-free memmap gather), so workers read batches."""
+    """One whole batch per item: a worker reads a batch with one memory-map gather."""
 
     def __init__(self, x: RowImages, y: torch.Tensor) -> None:
         self.x, self.y = x, y

@@ -195,7 +195,7 @@ def torchvision_data_config(arch: str = "resnet18", weights: str | None = None,
         return None
     if mean is None or std is None:
         raise ConfigError(f"model.mean={mean}, model.std={std}: give both")
-    return stats_config(mean, std, (in_channels, 224, 224), "bilinear", "model.mean/std", in_channels)
+    return stats_config(mean, std, None, "bilinear", "model.mean/std", in_channels)
 
 
 torchvision_model.data_config = torchvision_data_config

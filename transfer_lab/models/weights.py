@@ -62,7 +62,8 @@ def model_data_config(model: nn.Module | Mapping[str, Any], in_channels: int | N
     a factory declares its statistics by carrying a ``data_config`` function that takes the same
     keys, so the run can ask before it builds the data module. Returns
     ``{"mean": [...], "std": [...], "input_size": [C, H, W], "interpolation": str, "source": str}``;
-    ``input_size`` is the size the weights were trained at (an explicit ``image_size`` wins).
+    ``input_size`` is the size the weights were trained at, None where unknown (an explicit
+    ``image_size`` wins).
     ``in_channels`` (config form only): the side's channel count, when the data fixes it (grey).
     """
     if isinstance(model, nn.Module):
@@ -92,6 +93,6 @@ def stats_config(mean: Any, std: Any, input_size: Any, interpolation: str, sourc
         mean, std = [sum(mean) / 3], [sum(std) / 3]
     if len(mean) != in_channels:
         raise ConfigError(f"{key}.mean/std: {len(mean)} values for {in_channels}-channel input")
-    size = [in_channels, *[int(s) for s in list(input_size)[-2:]]]
+    size = None if input_size is None else [in_channels, *[int(s) for s in list(input_size)[-2:]]]
     return {"mean": mean, "std": std, "input_size": size, "interpolation": str(interpolation),
             "source": source}
