@@ -147,19 +147,26 @@ def torchvision_model(in_channels: int, image_size: int, num_classes: int, arch:
     children = OrderedDict(net.named_children())
     head = children.pop("fc" if "fc" in children else "classifier")
     children["flatten"] = nn.Flatten()
-    layers = list(head.children()) if isinstance(head, nn.Sequential) else [head]
-    last = max(i for i, m in enumerate(layers) if isinstance(m, nn.Linear))
-    cut = last - 1 if last > 0 and isinstance(layers[last - 1], nn.Dropout) else last
-    if layers[:cut]:  # hidden classifier layers: features the source learnt, so they transfer
-        children["hidden"] = nn.Sequential(*layers[:cut])
-    feature_dim = layers[last].in_features
-    new_head = nn.Linear(feature_dim, num_classes)
-    if cut < last:
-        new_head = nn.Sequential(*layers[cut:last], new_head)
+    new_head, feature_dim = _split_classifier(head, children, num_classes)
     model = Classifier(nn.Sequential(children), new_head, feature_dim,
                        (in_channels, image_size, image_size))
     model.data_config = torchvision_data_config(arch, weights, checkpoint, mean, std, in_channels)
     return model
+
+
+def _split_classifier(head: nn.Module, children: OrderedDict,
+                      num_classes: int) -> tuple[nn.Module, int]:
+    """Hidden classifier layers join the backbone (``children["hidden"]``): they are features
+    the source learnt, so they transfer. Returns the new head (the dropout before the last
+    Linear, if any, and a fresh Linear) and the feature width."""
+    layers = list(head.children()) if isinstance(head, nn.Sequential) else [head]
+    last = max(i for i, m in enumerate(layers) if isinstance(m, nn.Linear))
+    cut = last - 1 if last > 0 and isinstance(layers[last - 1], nn.Dropout) else last
+    if layers[:cut]:
+        children["hidden"] = nn.Sequential(*layers[:cut])
+    dim = layers[last].in_features
+    new_head = nn.Linear(dim, num_classes)
+    return (nn.Sequential(*layers[cut:last], new_head) if cut < last else new_head), dim
 
 
 def _last_linear(net: nn.Module) -> str:
