@@ -14,10 +14,12 @@ timm = pytest.importorskip("timm")
 
 # (name, blocks named by module path, LoRA globs) — kept tiny: 32×32, the smallest configs
 CASES = [
-    ("resnet18", ["conv1", "bn1", "layer1", "layer2", "layer3", "layer4"], None),
-    ("convnext_zepto_rms", ["stem", "stages_0", "stages_1", "stages_2", "stages_3", "pre_logits"], None),
-    ("vit_tiny_patch16_224", ["patch_embed", "tokens", *[f"blocks_{i}" for i in range(12)], "norm"],
-     ["backbone.blocks_*.attn.qkv"]),
+    pytest.param(("resnet18", ["conv1", "bn1", "layer1", "layer2", "layer3", "layer4"], None)),
+    pytest.param(("convnext_zepto_rms", ["stem", "stages_0", "stages_1", "stages_2", "stages_3",
+                                         "pre_logits"], None)),
+    pytest.param(("vit_tiny_patch16_224", ["patch_embed", "tokens", *[f"blocks_{i}" for i in range(12)],
+                                           "norm"], ["backbone.blocks_*.attn.qkv"]),
+                 marks=pytest.mark.slow),  # 12 blocks: ~30 s on 2 busy cores
 ]
 
 
@@ -26,7 +28,7 @@ def build(name, k=5, c=3, seed=0, **kw):
     return timm_model(c, 32, k, name=name, **kw)
 
 
-@pytest.fixture(scope="module", params=CASES, ids=[c[0] for c in CASES])
+@pytest.fixture(scope="module", params=CASES, ids=["resnet18", "convnext", "vit"])
 def pair(request):
     name, blocks, lora_layers = request.param
     return name, blocks, lora_layers, build(name, seed=0), build(name, seed=1)
@@ -166,3 +168,23 @@ def test_data_config_follows_weights_and_overrides(tmp_path):
     own = model_data_config({**cfg, "mean": [0.1, 0.2, 0.3], "std": [0.3, 0.3, 0.3]})
     assert own["mean"] == [0.1, 0.2, 0.3] and own["source"] == "model.mean/std"
     assert model_data_config({"_target_": "transfer_lab.models.convnet", "channels": [8]}) is None
+
+
+def test_split_keeps_one_block_when_children_do_not_chain():
+    """A forward that is not its children in order (a residual here) is never split wrongly."""
+    from torch import nn
+
+    from transfer_lab.models.timm_blocks import split_blocks
+
+    class Residual(nn.Module):
+        def __init__(self, residual: bool):
+            super().__init__()
+            self.a, self.b, self.residual = nn.Linear(4, 4), nn.Linear(4, 4), residual
+
+        def forward(self, x):
+            return self.b(self.a(x)) + (x if self.residual else 0)
+
+    chained, dim = split_blocks(Residual(False), (4,))
+    assert list(chained._modules) == ["a", "b"] and dim == 4
+    whole, _ = split_blocks(Residual(True), (4,))
+    assert list(whole._modules) == ["model"] and whole.timm_keys["model.a.weight"] == "a.weight"
