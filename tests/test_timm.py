@@ -145,6 +145,7 @@ def test_cache_reads_hub_snapshot_and_says_when_absent(tmp_path, monkeypatch):
     save_file(net.state_dict(), str(repo / "snapshots" / "abc123" / "model.safetensors"))
     m = build("resnet18", weights="cache")
     assert torch.equal(m.backbone.conv1.weight, net.conv1.weight)
+    assert m.weights_file == str(repo / "snapshots" / "abc123" / "model.safetensors")
     assert m.data_config["mean"] == pytest.approx([0.485, 0.456, 0.406])
 
 

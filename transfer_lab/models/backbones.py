@@ -151,6 +151,7 @@ def torchvision_model(in_channels: int, image_size: int, num_classes: int, arch:
     model = Classifier(nn.Sequential(children), new_head, feature_dim,
                        (in_channels, image_size, image_size))
     model.data_config = torchvision_data_config(arch, weights, checkpoint, mean, std, in_channels)
+    model.weights_file = local  # the local file the weights came from (None: named or random)
     return model
 
 

@@ -39,16 +39,18 @@ def timm_model(in_channels: int, image_size: int, num_classes: int, name: str = 
             weights you trained yourself on another dataset).
 
     The model carries ``data_config`` (see ``models.model_data_config``): timm's mean, std,
-    input size and interpolation for the weights; None for a random init without ``mean``/``std``.
+    input size and interpolation for the weights; None for a random init without ``mean``/``std``;
+    and ``weights_file``: the file its weights came from (resolved for ``cache``), or None.
     """
     net = create(name, in_channels, image_size)
-    if weights is not None:
-        path = resolve_weights(net, name, weights)
+    path = None if weights is None else resolve_weights(net, name, weights)
+    if path is not None:
         load_timm_weights(net, path, name, in_channels)
     backbone, dim = split_blocks(net, (in_channels, image_size, image_size))
     model = Classifier(backbone, linear_head(dim, num_classes), dim,
                        (in_channels, image_size, image_size))
     model.timm_name, model.timm_classifier = name, _classifier_prefixes(net)[0]
+    model.weights_file = None if path is None else str(path)  # for the run to hash and record
     model.data_config = timm_data_config(name, weights, mean, std, in_channels)
     return model
 
