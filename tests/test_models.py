@@ -58,6 +58,9 @@ def test_torchvision_local_weights_file_strict(tmp_path):
     m = torchvision_model(3, 32, 5, arch="resnet18", weights=str(tmp_path / "r18.pth"))
     assert torch.equal(m.backbone.layer3[0].conv2.weight, net.layer3[0].conv2.weight)
     assert m.weights_file == str(tmp_path / "r18.pth")
+    assert not m.head_from_weights  # 10 classes in the file, 5 here: a new head
+    as_is = torchvision_model(3, 32, 10, arch="resnet18", weights=str(tmp_path / "r18.pth"))
+    assert as_is.head_from_weights and torch.equal(as_is.head.weight, net.fc.weight)
     with pytest.raises(ConfigError) as e:
         torchvision_model(3, 32, 5, arch="resnet50", weights=str(tmp_path / "r18.pth"))
     assert str(tmp_path / "r18.pth") in str(e.value) and "layer1.0.conv1.weight has shape (64, 64, 3, 3)" in str(e.value)

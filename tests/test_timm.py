@@ -189,3 +189,17 @@ def test_split_keeps_one_block_when_children_do_not_chain():
     assert list(chained._modules) == ["a", "b"] and dim == 4
     whole, _ = split_blocks(Residual(True), (4,))
     assert list(whole._modules) == ["model"] and whole.timm_keys["model.a.weight"] == "a.weight"
+
+
+def test_exported_model_loads_back_as_it_is(tmp_path):
+    """timm_state_dict → weights=: the same function, head included when the classes fit."""
+    src = build("resnet18", k=4, seed=2)
+    save_file(timm_state_dict(src), str(tmp_path / "mine.safetensors"))
+    same = build("resnet18", k=4, seed=9, weights=str(tmp_path / "mine.safetensors"))
+    other = build("resnet18", k=3, seed=9, weights=str(tmp_path / "mine.safetensors"))
+    assert same.head_from_weights and not other.head_from_weights
+    src.eval(), same.eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(same(x), src(x))
+    assert torch.equal(other.backbone.layer2[0].conv1.weight, src.backbone.layer2[0].conv1.weight)

@@ -14,7 +14,7 @@ from torch import nn
 
 from transfer_lab.errors import ConfigError
 from transfer_lab.models.classifier import Classifier, linear_head
-from transfer_lab.models.weights import is_weights_file, load_strict, stats_config
+from transfer_lab.models.weights import is_weights_file, load_head, load_strict, stats_config
 
 
 def mlp(in_channels: int, image_size: int, num_classes: int, hidden: Sequence[int] = (256, 256),
@@ -124,8 +124,8 @@ def torchvision_model(in_channels: int, image_size: int, num_classes: int, arch:
         arch: a ``torchvision.models`` builder name (``resnet18``, ``resnet50``, ``mobilenet_v3_small``).
         weights: torchvision weights name (e.g. ``IMAGENET1K_V1``; needs the network once), or a
             local weights file (``.safetensors``, ``.pth``, ``.bin``: read weights-only, keys and
-            shapes strict against the torchvision model; its final Linear, which the new head
-            replaces, may have any number of classes or be absent).
+            shapes strict against the torchvision model; its final Linear becomes the head when
+            it has ``num_classes`` outputs, and may otherwise have any size or be absent).
         checkpoint: the same as a local ``weights`` file (kept for existing configs).
         mean, std: input statistics of the weights (a torchvision weights name brings its own).
     """
@@ -137,11 +137,12 @@ def torchvision_model(in_channels: int, image_size: int, num_classes: int, arch:
                          f"{', '.join(sorted(builders))}")
     local, key = _local_weights(weights, checkpoint)
     net = torchvision.models.get_model(arch, weights=None if local else weights)
+    classifier, last = {}, _last_linear(net)
     if local:
         from transfer_lab.io import read_weights
 
-        load_strict(net, read_weights(local, f"model.{key}"), f"model.{key}={local}",
-                    f"torchvision {arch}", skip=(_last_linear(net),))
+        classifier = load_strict(net, read_weights(local, f"model.{key}"), f"model.{key}={local}",
+                                 f"torchvision {arch}", skip=(last,))
     if in_channels != 3:
         _adapt_first_conv(net, in_channels)
     children = OrderedDict(net.named_children())
@@ -152,6 +153,7 @@ def torchvision_model(in_channels: int, image_size: int, num_classes: int, arch:
                        (in_channels, image_size, image_size))
     model.data_config = torchvision_data_config(arch, weights, checkpoint, mean, std, in_channels)
     model.weights_file = local  # the local file the weights came from (None: named or random)
+    model.head_from_weights = load_head(model.head, classifier, last)  # the file's classes fit
     return model
 
 

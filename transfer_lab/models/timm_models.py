@@ -3,7 +3,8 @@
 ``weights``: a local file (``.safetensors``, ``.pth``, ``.bin``, ... read weights-only), ``cache``
 (the file timm would download, if the Hugging Face hub cache or torch hub cache already holds it;
 nothing is fetched), or None (random init). The file's classifier (timm's ``pretrained_cfg
-["classifier"]``) is dropped — the head here is new — and everything else must match the model
+["classifier"]``) becomes the head when it has ``num_classes`` outputs (the model as it is) and is
+left out otherwise (a new head); everything else must match the model
 key for key and shape for shape, after timm's own ``checkpoint_filter_fn`` for the architecture
 (which converts original-format checkpoints and resizes a ViT's position embedding to the
 ``image_size`` built here). A grey model gets the RGB first-layer filters summed (timm's
@@ -23,7 +24,7 @@ from torch import nn
 from transfer_lab.errors import ConfigError
 from transfer_lab.models.classifier import Classifier, linear_head
 from transfer_lab.models.timm_blocks import split_blocks
-from transfer_lab.models.weights import load_strict, stats_config
+from transfer_lab.models.weights import load_head, load_strict, stats_config
 
 
 def timm_model(in_channels: int, image_size: int, num_classes: int, name: str = "resnet18",
@@ -44,12 +45,12 @@ def timm_model(in_channels: int, image_size: int, num_classes: int, name: str = 
     """
     net = create(name, in_channels, image_size)
     path = None if weights is None else resolve_weights(net, name, weights)
-    if path is not None:
-        load_timm_weights(net, path, name, in_channels)
+    classifier = {} if path is None else load_timm_weights(net, path, name, in_channels)
     backbone, dim = split_blocks(net, (in_channels, image_size, image_size))
     model = Classifier(backbone, linear_head(dim, num_classes), dim,
                        (in_channels, image_size, image_size))
     model.timm_name, model.timm_classifier = name, _classifier_prefixes(net)[0]
+    model.head_from_weights = load_head(model.head, classifier, model.timm_classifier)
     model.weights_file = None if path is None else str(path)  # for the run to hash and record
     model.data_config = timm_data_config(name, weights, mean, std, in_channels)
     return model
@@ -109,7 +110,8 @@ def resolve_weights(net: nn.Module, name: str, weights: str) -> Path:
                       "download them once with network, or set model.weights=<local file>")
 
 
-def load_timm_weights(net: nn.Module, path: Path, name: str, in_channels: int) -> None:
+def load_timm_weights(net: nn.Module, path: Path, name: str, in_channels: int) -> dict:
+    """Load the file into ``net``; returns the file's classifier tensors (not in ``net``)."""
     from transfer_lab.io import read_weights
 
     where = f"model.weights={path}"
@@ -122,7 +124,7 @@ def load_timm_weights(net: nn.Module, path: Path, name: str, in_channels: int) -
             raise ConfigError(f"{where}: not a checkpoint of timm {name} (timm's checkpoint filter: "
                               f"{type(e).__name__}: {e})") from None
     _adapt_first_conv(state, net, in_channels)
-    load_strict(net, state, where, f"timm {name}", skip=tuple(_classifier_prefixes(net)))
+    return load_strict(net, state, where, f"timm {name}", skip=tuple(_classifier_prefixes(net)))
 
 
 def _adapt_first_conv(state: dict, net: nn.Module, in_channels: int) -> None:

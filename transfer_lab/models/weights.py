@@ -42,17 +42,32 @@ def check_state(state: Mapping[str, torch.Tensor], expected: Mapping[str, torch.
 
 
 def load_strict(net: nn.Module, state: Mapping[str, torch.Tensor], where: str, model: str,
-                skip: tuple[str, ...] = ()) -> None:
+                skip: tuple[str, ...] = ()) -> dict[str, torch.Tensor]:
     """``check_state`` against ``net``, then load (tensors are copied into the model's dtype).
 
-    ``skip``: module prefixes the file may or may not hold and that are not loaded (the library
-    model's own classifier, which a new head replaces: a file trained for 10 classes loads too).
+    ``skip``: module prefixes the file may or may not hold and that are not loaded into ``net``
+    (the library model's own classifier, which a new head replaces: a file trained for 10
+    classes loads too). Returns those skipped tensors (see ``load_head``).
     """
     prefixes = tuple(p + "." for p in skip)
-    state = {k: v for k, v in state.items() if not k.startswith(prefixes)}
+    kept = {k: v for k, v in state.items() if not k.startswith(prefixes)}
     expected = {k: v for k, v in net.state_dict().items() if not k.startswith(prefixes)}
-    check_state(state, expected, where, model)
-    net.load_state_dict(state, strict=not skip)
+    check_state(kept, expected, where, model)
+    net.load_state_dict(kept, strict=not skip)
+    return {k: v for k, v in state.items() if k.startswith(prefixes)}
+
+
+def load_head(head: nn.Module, tensors: Mapping[str, torch.Tensor], prefix: str) -> bool:
+    """Load a file's classifier ``<prefix>.weight/.bias`` into the head's last Linear when the
+    shapes fit (the model is then the file's model as it is, e.g. a pretrained source scored by
+    LEEP); otherwise the head stays new. Returns whether it was loaded."""
+    linear = [m for m in head.modules() if isinstance(m, nn.Linear)][-1]
+    got = {k[len(prefix) + 1:]: v for k, v in tensors.items() if k.startswith(prefix + ".")}
+    want = linear.state_dict()
+    if set(got) != set(want) or any(got[k].shape != want[k].shape for k in want):
+        return False
+    linear.load_state_dict(got)
+    return True
 
 
 def model_data_config(model: nn.Module | Mapping[str, Any], in_channels: int | None = None) -> dict | None:
