@@ -30,7 +30,8 @@ from transfer_lab.models.weights import load_head, load_strict, stats_config
 def timm_model(in_channels: int, image_size: int, num_classes: int, name: str = "resnet18",
                weights: str | None = None, mean: list[float] | None = None,
                std: list[float] | None = None) -> Classifier:
-    """A timm model's features (``num_classes=0``) split into blocks, plus a new linear head.
+    """A timm model's features (``num_classes=0``) split into blocks, plus a linear head: the
+    weights file's classifier when it has ``num_classes`` outputs (``head_from_weights``), else new.
 
     Args:
         name: a ``timm.create_model`` name, optionally with a pretrained tag (``resnet18.a1_in1k``;
