@@ -3,7 +3,9 @@
 import pytest
 import torch
 
-from transfer_lab.models import Classifier, convnet, lenet, mlp, resnet_cifar, torchvision_model
+from transfer_lab.errors import ConfigError
+from transfer_lab.models import (Classifier, convnet, lenet, mlp, model_data_config, resnet_cifar,
+                                 torchvision_model)
 
 CASES = [
     (mlp, dict(hidden=[32, 16]), (1, 28, 28)),
@@ -46,6 +48,48 @@ def test_torchvision_local_checkpoint_is_loaded(tmp_path):
     assert m.head.out_features == 5
 
 
-def test_mobilenet_keeps_hidden_head_layers():
-    m = torchvision_model(3, 32, 4, arch="mobilenet_v3_small")
-    assert m(torch.randn(2, 3, 32, 32)).shape == (2, 4)
+def test_torchvision_local_weights_file_strict(tmp_path):
+    """weights=<file> like checkpoint=: .pth read weights-only; the final Linear may have any classes."""
+    import torchvision
+
+    torch.manual_seed(4)
+    net = torchvision.models.resnet18(num_classes=10)
+    torch.save(net.state_dict(), tmp_path / "r18.pth")
+    m = torchvision_model(3, 32, 5, arch="resnet18", weights=str(tmp_path / "r18.pth"))
+    assert torch.equal(m.backbone.layer3[0].conv2.weight, net.layer3[0].conv2.weight)
+    assert m.weights_file == str(tmp_path / "r18.pth")
+    assert not m.head_from_weights  # 10 classes in the file, 5 here: a new head
+    as_is = torchvision_model(3, 32, 10, arch="resnet18", weights=str(tmp_path / "r18.pth"))
+    assert as_is.head_from_weights and torch.equal(as_is.head.weight, net.fc.weight)
+    with pytest.raises(ConfigError) as e:
+        torchvision_model(3, 32, 5, arch="resnet50", weights=str(tmp_path / "r18.pth"))
+    assert str(tmp_path / "r18.pth") in str(e.value) and "layer1.0.conv1.weight has shape (64, 64, 3, 3)" in str(e.value)
+    assert "\n" not in str(e.value)
+    with pytest.raises(ConfigError, match="give one weights file"):
+        torchvision_model(3, 32, 5, weights=str(tmp_path / "r18.pth"), checkpoint=str(tmp_path / "r18.pth"))
+
+
+def test_torchvision_named_weights_declare_their_statistics():
+    cfg = {"_target_": "transfer_lab.models.torchvision_model", "arch": "resnet18",
+           "weights": "IMAGENET1K_V1", "checkpoint": None}
+    dc = model_data_config(cfg)  # no download: the weights enum knows its transforms
+    assert dc["mean"] == pytest.approx([0.485, 0.456, 0.406]) and dc["input_size"] == [3, 224, 224]
+    assert model_data_config({**cfg, "weights": None}) is None
+    own = model_data_config({**cfg, "weights": "mine.safetensors", "mean": [0.5] * 3, "std": [0.2] * 3})
+    assert own["mean"] == [0.5] * 3 and own["input_size"] is None  # a local file's size is unknown
+
+
+def test_mobilenet_hidden_layer_is_backbone_and_transfers():
+    """issue 13: MobileNetV3's 576→1024 Linear was head (39% of its parameters never transferred)."""
+    from transfer_lab.strategies.base import copy_backbone
+
+    torch.manual_seed(0)
+    src = torchvision_model(3, 32, 4, arch="mobilenet_v3_small")
+    tgt = torchvision_model(3, 32, 6, arch="mobilenet_v3_small")
+    assert tgt(torch.randn(2, 3, 32, 32)).shape == (2, 6) and tgt.feature_dim == 1024
+    head = sum(p.numel() for p in tgt.head.parameters())
+    assert head == 1024 * 6 + 6  # the new classifier only
+    copy_backbone(src, tgt, "finetune")
+    hidden = [m for m in tgt.backbone.modules() if isinstance(m, torch.nn.Linear)]
+    assert hidden and torch.equal(hidden[0].weight, src.backbone.hidden[0].weight)
+    assert "backbone.hidden" in [n for n, _ in tgt.named_blocks()]

@@ -12,7 +12,9 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from transfer_lab.errors import ConfigError
 from transfer_lab.models.classifier import Classifier, linear_head
+from transfer_lab.models.weights import is_weights_file, load_head, load_strict, stats_config
 
 
 def mlp(in_channels: int, image_size: int, num_classes: int, hidden: Sequence[int] = (256, 256),
@@ -110,13 +112,22 @@ def resnet_cifar(in_channels: int, image_size: int, num_classes: int, depth: int
 
 
 def torchvision_model(in_channels: int, image_size: int, num_classes: int, arch: str = "resnet18",
-                      weights: str | None = None, checkpoint: str | None = None) -> Classifier:
+                      weights: str | None = None, checkpoint: str | None = None,
+                      mean: list[float] | None = None, std: list[float] | None = None) -> Classifier:
     """A torchvision classification model split into blocks, with optional pretrained weights.
+
+    The classifier's hidden layers (MobileNetV3's 576→1024 Linear + Hardswish, VGG's 4096-wide
+    layers) are pretrained features, so they are a backbone block (``hidden``) and transfer with
+    it; the head is the last Linear (with the dropout just before it).
 
     Args:
         arch: a ``torchvision.models`` builder name (``resnet18``, ``resnet50``, ``mobilenet_v3_small``).
-        weights: torchvision weights name (e.g. ``IMAGENET1K_V1``); needs the network once.
-        checkpoint: local ``.safetensors`` state dict of the torchvision model (no network).
+        weights: torchvision weights name (e.g. ``IMAGENET1K_V1``; needs the network once), or a
+            local weights file (``.safetensors``, ``.pth``, ``.bin``: read weights-only, keys and
+            shapes strict against the torchvision model; its final Linear becomes the head when
+            it has ``num_classes`` outputs, and may otherwise have any size or be absent).
+        checkpoint: the same as a local ``weights`` file (kept for existing configs).
+        mean, std: input statistics of the weights (a torchvision weights name brings its own).
     """
     import torchvision
 
@@ -124,26 +135,80 @@ def torchvision_model(in_channels: int, image_size: int, num_classes: int, arch:
     if arch not in builders:
         raise ValueError(f"model.arch={arch!r} is not a torchvision classifier; valid: "
                          f"{', '.join(sorted(builders))}")
-    net = torchvision.models.get_model(arch, weights=weights)
-    if checkpoint:
-        from transfer_lab.io import load_safetensors_file
-        net.load_state_dict(load_safetensors_file(checkpoint))
+    local, key = _local_weights(weights, checkpoint)
+    net = torchvision.models.get_model(arch, weights=None if local else weights)
+    classifier, last = {}, _last_linear(net)
+    if local:
+        from transfer_lab.io import read_weights
+
+        classifier = load_strict(net, read_weights(local, f"model.{key}"), f"model.{key}={local}",
+                                 f"torchvision {arch}", skip=(last,))
     if in_channels != 3:
         _adapt_first_conv(net, in_channels)
     children = OrderedDict(net.named_children())
-    head_name = "fc" if "fc" in children else "classifier"
-    head = children.pop(head_name)
+    head = children.pop("fc" if "fc" in children else "classifier")
     children["flatten"] = nn.Flatten()
-    if isinstance(head, nn.Linear):
-        feature_dim = head.in_features
-        new_head: nn.Module = nn.Linear(feature_dim, num_classes)
-    else:  # e.g. MobileNet: keep the hidden layers, replace the last Linear
-        layers = list(head.children())
-        feature_dim = next(m for m in layers if isinstance(m, nn.Linear)).in_features
-        layers[-1] = nn.Linear(layers[-1].in_features, num_classes)
-        new_head = nn.Sequential(*layers)
-    return Classifier(nn.Sequential(children), new_head, feature_dim,
-                      (in_channels, image_size, image_size))
+    new_head, feature_dim = _split_classifier(head, children, num_classes)
+    model = Classifier(nn.Sequential(children), new_head, feature_dim,
+                       (in_channels, image_size, image_size))
+    model.data_config = torchvision_data_config(arch, weights, checkpoint, mean, std, in_channels)
+    model.weights_file = local  # the local file the weights came from (None: named or random)
+    model.head_from_weights = load_head(model.head, classifier, last)  # the file's classes fit
+    return model
+
+
+def _split_classifier(head: nn.Module, children: OrderedDict,
+                      num_classes: int) -> tuple[nn.Module, int]:
+    """Hidden classifier layers join the backbone (``children["hidden"]``): they are features
+    the source learnt, so they transfer. Returns the new head (the dropout before the last
+    Linear, if any, and a fresh Linear) and the feature width."""
+    layers = list(head.children()) if isinstance(head, nn.Sequential) else [head]
+    last = max(i for i, m in enumerate(layers) if isinstance(m, nn.Linear))
+    cut = last - 1 if last > 0 and isinstance(layers[last - 1], nn.Dropout) else last
+    if layers[:cut]:
+        children["hidden"] = nn.Sequential(*layers[:cut])
+    dim = layers[last].in_features
+    new_head = nn.Linear(dim, num_classes)
+    return (nn.Sequential(*layers[cut:last], new_head) if cut < last else new_head), dim
+
+
+def _last_linear(net: nn.Module) -> str:
+    """Path of the classifier's final Linear (replaced by the new head, so not loaded)."""
+    return [n for n, m in net.named_modules() if isinstance(m, nn.Linear)][-1]
+
+
+def _local_weights(weights: str | None, checkpoint: str | None) -> tuple[str | None, str]:
+    if is_weights_file(weights):
+        if checkpoint:
+            raise ConfigError(f"model.weights={weights} and model.checkpoint={checkpoint}: "
+                              "give one weights file")
+        return weights, "weights"
+    if checkpoint and weights:
+        raise ConfigError(f"model.weights={weights} and model.checkpoint={checkpoint}: "
+                          "a local checkpoint replaces the named weights; set one")
+    return checkpoint, "checkpoint"
+
+
+def torchvision_data_config(arch: str = "resnet18", weights: str | None = None,
+                            checkpoint: str | None = None, mean: list[float] | None = None,
+                            std: list[float] | None = None, in_channels: int = 3,
+                            **_: object) -> dict | None:
+    """A named torchvision weight's own statistics and crop size; for a local file only what
+    ``mean``/``std`` say (its training data is not known here)."""
+    if weights is not None and not is_weights_file(weights):
+        import torchvision
+
+        tf = torchvision.models.get_model_weights(arch)[weights].transforms()
+        return stats_config(mean or tf.mean, std or tf.std, tf.crop_size * 2,
+                            tf.interpolation.value, f"torchvision:{arch}.{weights}", in_channels)
+    if mean is None and std is None:
+        return None
+    if mean is None or std is None:
+        raise ConfigError(f"model.mean={mean}, model.std={std}: give both")
+    return stats_config(mean, std, None, "bilinear", "model.mean/std", in_channels)
+
+
+torchvision_model.data_config = torchvision_data_config
 
 
 def _adapt_first_conv(net: nn.Module, in_channels: int) -> None:
