@@ -201,11 +201,11 @@ def read_entry(path: str | Path, where: str, *, strict: bool = True) -> Entry:
         _check_sum(declared, sums, "config.json", where)
         config = parse_config(blobs["config.json"], where)
         cap, reference = _weights_cap(config, where, strict)
-        total = sum(m.sizes.values())
+        blobs["model.safetensors"], sums["model.safetensors"] = m.read("model.safetensors", cap)
+        total = sum(m.sizes.values())  # members never read (CARD.md, extras) count here too
         if total > cap + sum(SMALL_CAPS.values()):
             raise ConfigError(f"{where}: members declare {total} bytes in all, more than the model "
                               "the config describes can need; refused")
-        blobs["model.safetensors"], sums["model.safetensors"] = m.read("model.safetensors", cap)
     for f in ("model.safetensors", "metrics.json"):
         _check_sum(declared, sums, f, where)
     metrics = _json_object(blobs["metrics.json"], "metrics.json", where)
