@@ -46,10 +46,11 @@ MAX_INT, MAX_LEN, MAX_CLASSES = 4096, 64, 100_000
 MAX_MODEL_BYTES = 8 << 30
 
 
-def parse_config(blob: bytes, where: str) -> dict[str, Any]:
+def parse_config(blob: bytes, where: str, *, strict: bool = True) -> dict[str, Any]:
     """``config.json`` bytes → dict, with plain ``json``: duplicate keys, NaN/Infinity, nesting
-    too deep for the parser and any ``${`` are refused, and ``_target_`` outside ``model`` must
-    be a ``RECORD_TARGETS`` name."""
+    too deep for the parser and any ``${`` are refused, and (``strict``) a ``_target_`` outside
+    ``model`` must be a ``RECORD_TARGETS`` name. Store entries are read with ``strict=False``:
+    their records hold the user's own optimizer or data classes, and are never built."""
     def no_duplicates(pairs: list[tuple[str, Any]]) -> dict:
         keys = [k for k, _ in pairs]
         dup = next((k for k in keys if keys.count(k) > 1), None)
@@ -64,7 +65,7 @@ def parse_config(blob: bytes, where: str) -> dict[str, Any]:
         config = json.loads(blob, object_pairs_hook=no_duplicates, parse_constant=no_constant)
         if not isinstance(config, dict):
             raise ConfigError(f"{where}: config.json must be a JSON object, not {type(config).__name__}")
-        _check_tree(config, "config", where)
+        _check_tree(config, "config", where, strict)
     except ConfigError:
         raise
     except (ValueError, RecursionError) as e:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
@@ -73,7 +74,7 @@ def parse_config(blob: bytes, where: str) -> dict[str, Any]:
     return config
 
 
-def _check_tree(obj: Any, path: str, where: str) -> None:
+def _check_tree(obj: Any, path: str, where: str, strict: bool) -> None:
     items = obj.items() if isinstance(obj, dict) else enumerate(obj) if isinstance(obj, list) else ()
     for k, v in items:
         sub = f"{path}.{k}" if isinstance(obj, dict) else f"{path}[{k}]"
@@ -81,11 +82,11 @@ def _check_tree(obj: Any, path: str, where: str) -> None:
             if isinstance(s, str) and "${" in s:
                 raise ConfigError(f"{where}: {sub} holds an interpolation ({s[:60]!r}); a config "
                                   "from a file is data: no ${...} is ever resolved")
-        if k == "_target_" and not _in_model(path):
+        if strict and k == "_target_" and not _in_model(path):
             if not (isinstance(v, str) and _dotted(v) and _listed(v, RECORD_TARGETS)):
                 raise ConfigError(f"{where}: {sub}={v!r} is not a record of this project's "
                                   f"data/optimizer/trainer ({', '.join(RECORD_TARGETS)})")
-        _check_tree(v, sub, where)
+        _check_tree(v, sub, where, strict)
 
 
 def _in_model(path: str) -> bool:

@@ -199,7 +199,7 @@ def read_entry(path: str | Path, where: str, *, strict: bool = True) -> Entry:
         if not isinstance(declared, dict):
             raise ConfigError(f"{where}: manifest.json has no sha256 table")
         _check_sum(declared, sums, "config.json", where)
-        config = parse_config(blobs["config.json"], where)
+        config = parse_config(blobs["config.json"], where, strict=strict)
         cap, reference = _weights_cap(config, where, strict)
         blobs["model.safetensors"], sums["model.safetensors"] = m.read("model.safetensors", cap)
         total = sum(m.sizes.values())  # members never read (CARD.md, extras) count here too

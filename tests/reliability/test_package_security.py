@@ -190,8 +190,8 @@ def test_store_entries_follow_the_same_rule(tmp_path, caplog):
                                                   "num_classes": 3}, {}))
     assert any("interpolation" in r.getMessage() and key in r.getMessage() for r in caplog.records)
     store.save(key, STATE, {"model": {"_target_": "mypkg.Net"}, "input_shape": [1, 8, 8],
-                            "num_classes": 3}, {})
-    assert store.is_valid(key)  # the user's own model: the store never builds it from the file
+                            "optimizer": {"_target_": "mylib.Lion"}, "num_classes": 3}, {})
+    assert store.is_valid(key)  # the user's own model and optimizer: the store never builds them
     with pytest.raises(ConfigError, match="not an allowed model factory"):
         export_package(store, key, tmp_path / "p.zip")
     assert not (tmp_path / "p.zip").exists()
