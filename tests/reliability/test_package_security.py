@@ -192,6 +192,10 @@ def test_store_entries_follow_the_same_rule(tmp_path, caplog):
     store.save(key, STATE, {"model": {"_target_": "mypkg.Net"}, "input_shape": [1, 8, 8],
                             "optimizer": {"_target_": "mylib.Lion"}, "num_classes": 3}, {})
     assert store.is_valid(key)  # the user's own model and optimizer: the store never builds them
-    with pytest.raises(ConfigError, match="not an allowed model factory"):
+    with pytest.raises(ConfigError, match="mylib.Lion' is not a record"):
+        export_package(store, key, tmp_path / "p.zip")
+    store.save(key, STATE, {"model": {"_target_": "mypkg.Net"}, "input_shape": [1, 8, 8],
+                            "num_classes": 3}, {})
+    with pytest.raises(ConfigError, match="'mypkg.Net' is not an allowed model factory"):
         export_package(store, key, tmp_path / "p.zip")
     assert not (tmp_path / "p.zip").exists()
