@@ -20,7 +20,6 @@ import json
 import os
 import stat
 import zipfile
-import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -91,7 +90,11 @@ class _Members:
 
     def _dir_sizes(self) -> dict[str, int]:
         sizes: dict[str, int] = {}
-        with os.scandir(self.path) as it:
+        try:
+            listing = os.scandir(self.path)
+        except OSError as e:
+            raise ConfigError(f"{self.where}: cannot list the directory ({e.strerror})") from None
+        with listing as it:
             for n, e in enumerate(it):
                 if n >= MAX_ENTRIES:
                     raise ConfigError(f"{self.where}: more than {MAX_ENTRIES} entries; refused")
@@ -131,7 +134,9 @@ class _Members:
                                           "bytes it can need; refused")
                     h.update(chunk)
                     buf.write(chunk)
-        except (zipfile.BadZipFile, zlib.error, EOFError, OSError, NotImplementedError) as e:
+        except ConfigError:
+            raise
+        except Exception as e:  # noqa: BLE001 — bad CRC, zlib/lzma errors, encryption, I/O: one line
             raise ConfigError(f"{self.where}: {name} is unreadable ({type(e).__name__}: "
                               f"{str(e).splitlines()[0] if str(e) else ''})") from None
         return buf.getvalue(), h.hexdigest()
@@ -146,7 +151,7 @@ def _members(path: Path, where: str) -> Iterator[_Members]:
         return
     try:
         z = zipfile.ZipFile(path)
-    except (zipfile.BadZipFile, OSError, ValueError) as e:
+    except Exception as e:  # noqa: BLE001 — BadZipFile, OSError, and zipfile's odder refusals
         raise ConfigError(f"{where}: not a readable zip ({str(e).splitlines()[0] if str(e) else e!r})") from None
     with z:
         yield _Members(path, where, z)

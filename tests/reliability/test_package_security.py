@@ -4,14 +4,10 @@ memory than the model it describes, and follows no symlink; every refusal is one
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 import zipfile
 from pathlib import Path
 
 import pytest
-import torch
 
 from conftest import ROOT, compose_cfg
 from reliability.test_safe_loading import MODEL, make_spec, one_line, write_package
