@@ -4,6 +4,9 @@ memory than the model it describes, and follows no symlink; every refusal is one
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 import zipfile
 from pathlib import Path
 
@@ -69,6 +72,22 @@ def test_resolver_package_as_source_checkpoint_stops_the_run(tmp_path, victim):
     assert "interpolation" in one_line(e)
     assert not (tmp_path / "out" / "results.json").exists() or \
         json.loads((tmp_path / "out" / "results.json").read_text()).get("status") != "ok"
+
+
+@pytest.mark.slow
+def test_resolver_package_on_the_command_line_exits_2_with_one_line(tmp_path, victim):
+    pkg = evil_package(tmp_path / "evil.zip", victim)
+    cmd = [sys.executable, "-m", "transfer_lab.train", f"hydra.run.dir={tmp_path}/run",
+           "data@source.data=synthetic", "data@target.data=synthetic", "model@source.model=mlp",
+           "trainer.accelerator=cpu", "transferability=false", f"source.checkpoint={pkg}"]
+    out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=600,
+                         env={**os.environ, "PYTHONPATH": str(ROOT),
+                              "TRANSFER_LAB_STORE": str(tmp_path / "store")})
+    assert victim.read_text() == "precious"
+    assert out.returncode == 2, out.stderr[-2000:]
+    lines = [ln for ln in out.stderr.splitlines() if ln.strip()]
+    assert lines[-1].startswith(f"error: knowledge package {pkg}") and "interpolation" in lines[-1]
+    assert "Traceback" not in out.stderr
 
 
 def test_resolver_package_directory_is_refused_too(tmp_path, victim):
