@@ -150,9 +150,9 @@ def _describe(hint: Any) -> str:
 def _shape(config: Mapping[str, Any], where: str) -> tuple[tuple[int, int, int], int]:
     shape, n = config.get("input_shape"), config.get("num_classes")
     if not (isinstance(shape, list) and len(shape) == 3
-            and all(type(s) is int and 0 < s <= MAX_INT for s in shape) and shape[1] == shape[2]):
-        raise ConfigError(f"{where}: input_shape={shape!r}: expected [C, H, W], square, "
-                          f"positive integers ≤ {MAX_INT}")
+            and all(type(s) is int and 0 < s <= MAX_INT for s in shape)):
+        raise ConfigError(f"{where}: input_shape={shape!r}: expected [C, H, W], positive "
+                          f"integers ≤ {MAX_INT}")
     if not (type(n) is int and 0 < n <= MAX_CLASSES):
         raise ConfigError(f"{where}: num_classes={n!r}: expected an integer in 1..{MAX_CLASSES}")
     return (shape[0], shape[1], shape[2]), n
@@ -186,7 +186,7 @@ def model_spec(config: Mapping[str, Any], where: str) -> tuple[Callable[..., nn.
                               f"{_describe(hints.get(key))} (numbers within ±{MAX_INT}, "
                               f"at most {MAX_LEN} items)")
         kwargs[key] = value
-    (c, _, s), n = _shape(config, where)
+    (c, _, s), n = _shape(config, where)  # as the run wires it: image_size is the width
     missing = [k for k, p in params.items() if p.default is p.empty and k not in (*WIRED, *kwargs)]
     if missing:
         raise ConfigError(f"{where}: model needs {', '.join(missing)} (missing in config.json)")
