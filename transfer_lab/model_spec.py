@@ -52,11 +52,12 @@ def parse_config(blob: bytes, where: str, *, strict: bool = True) -> dict[str, A
     ``model`` must be a ``RECORD_TARGETS`` name. Store entries are read with ``strict=False``:
     their records hold the user's own optimizer or data classes, and are never built."""
     def no_duplicates(pairs: list[tuple[str, Any]]) -> dict:
-        keys = [k for k, _ in pairs]
-        dup = next((k for k in keys if keys.count(k) > 1), None)
-        if dup is not None:
+        obj = dict(pairs)
+        if len(obj) != len(pairs):  # json keeps the last silently: which one did the author mean?
+            seen: set[str] = set()
+            dup = next(k for k, _ in pairs if k in seen or seen.add(k))
             raise ConfigError(f"{where}: config.json repeats key {dup!r}")
-        return dict(pairs)
+        return obj
 
     def no_constant(name: str) -> Any:
         raise ConfigError(f"{where}: config.json holds {name}, which is not JSON")
