@@ -5,8 +5,10 @@ effect."""
 
 from __future__ import annotations
 
+import atexit
 import fnmatch
 import json
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -23,6 +25,7 @@ FUZZ = settings(max_examples=60, deadline=None, derandomize=True,
                 suppress_health_check=[HealthCheck.too_slow])
 VICTIM = Path(tempfile.mkdtemp(prefix="fuzz_package_")) / "victim.txt"
 VICTIM.write_text("precious")
+atexit.register(shutil.rmtree, VICTIM.parent, True)
 PAYLOADS = [f"${{oc.create:${{oc.decode:'{{_target_: builtins.open, _args_: [{VICTIM}, w]}}'}}}}",
             "${oc.env:HOME}", "${model.hidden}", "${oc.decode:'[1, 2]'}", "x${y}", "${", "$ {}"]
 TARGETS = ["transfer_lab.models.mlp", "transfer_lab.models.convnet", "transfer_lab.models.lenet",
