@@ -1,51 +1,54 @@
 """The source-model store: one trained source per key, shared by every run that needs it.
 
-An entry is a directory ``<store_dir>/<key>/`` holding ``model.safetensors``, ``config.json``
-(everything needed to rebuild the model), ``metrics.json`` and, written last, ``manifest.json``
-with each file's SHA-256. An entry without a valid manifest, or whose bytes do not hash to it,
-is incomplete and is retrained, never loaded. Entries are built in a temporary directory and
-renamed into place under a file lock, so concurrent runs (processes) wanting one key train it
-once and nobody reads half an entry. Loading verifies the very bytes it parses, so a reader
-racing a writer sees the old entry or the new one, never a mix.
+An entry is a directory ``<store_dir>/<key>/`` in the knowledge-package layout
+(``transfer_lab.package``): ``model.safetensors``, ``config.json``, ``metrics.json`` and, written
+last, ``manifest.json`` with each file's SHA-256. It is read by the same bounded, no-code rules
+as a package from outside (a shared store is written by other people too); an entry that fails
+any check is retrained, never loaded, and the log says which check failed. Entries are built in
+a temporary directory ``.<key>.<random>/`` and renamed into place under a file lock, so
+concurrent runs wanting one key train it once and nobody reads half an entry. The lock holder
+records its pid, host and start time beside the lock, so a waiter can say whom it waits for; the
+wait is logged periodically and ends after ``lock_timeout_s``. Temp directories left by a killed
+``save`` are swept once they are old and unlocked.
 """
 
 from __future__ import annotations
 
-import hashlib
-import io
+import contextlib
+import datetime as dt
 import json
+import logging
 import os
 import re
 import shutil
+import socket
 import tempfile
 import time
-import zipfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
 
 import torch
-from filelock import FileLock
-from safetensors.torch import load as load_safetensors_bytes
+from filelock import FileLock, Timeout
 from safetensors.torch import save_file
 
 from transfer_lab.errors import ConfigError
-from transfer_lab.io import atomic_write_bytes, atomic_write_json, fsync_dir, read_weights, sha256_bytes
-from transfer_lab.validate import validate_package
+from transfer_lab.io import atomic_write_json, fsync_dir, sha256_file
+# moved to package.py; still importable from here (run.py and tests import them from the store)
+from transfer_lab.package import (FILES, PACKAGE_FILES, export_package, import_package,  # noqa: F401
+                                  load_state_dict, read_entry, read_package, store_key)
 
-FILES = ("model.safetensors", "config.json", "metrics.json")
-PACKAGE_FILES = (*FILES, "manifest.json")
+log = logging.getLogger(__name__)
 KEY_RE = re.compile(r"[0-9a-f]{8,64}")
+#: ``tempfile.mkdtemp`` names of ``save``: ``.<key>.<8 chars>`` and ``.<key>.old.<8 chars>``
+TEMP_RE = re.compile(r"\.([0-9a-f]{8,64})\.(?:old\.)?[a-z0-9_]{8}")
 
 
 class CorruptEntry(Exception):
-    """A store entry that is missing files or fails its checksums (retrained, not loaded)."""
+    """A store entry that is missing files or fails a check (retrained, not loaded)."""
 
 
-def store_key(spec: dict[str, Any]) -> str:
-    """Hash of everything that determines the source weights (canonical JSON → SHA-256)."""
-    blob = json.dumps(spec, sort_keys=True, default=str, separators=(",", ":"))
-    return hashlib.sha256(blob.encode()).hexdigest()[:20]
+class LockTimeout(ConfigError):
+    """Waited ``lock_timeout_s`` for another process's store lock; the message names it."""
 
 
 def _check_key(key: str) -> str:
@@ -55,42 +58,102 @@ def _check_key(key: str) -> str:
     return key
 
 
-def _parse_entry(blobs: dict[str, bytes], where: str) -> tuple[dict[str, torch.Tensor], dict, dict]:
-    """Checksums (against the manifest among ``blobs``), then tensors and JSON."""
-    try:
-        manifest = json.loads(blobs["manifest.json"])
-        sums = manifest["sha256"]
-        for f in FILES:
-            if sha256_bytes(blobs[f]) != sums[f]:
-                raise CorruptEntry(f"{where}: checksum mismatch for {f}")
-        return (load_safetensors_bytes(blobs["model.safetensors"]),
-                json.loads(blobs["config.json"]), json.loads(blobs["metrics.json"]))
-    except CorruptEntry:
-        raise
-    except Exception as e:  # noqa: BLE001 — missing keys, bad JSON, bad header: all "corrupt"
-        raise CorruptEntry(f"{where}: unreadable ({type(e).__name__}: {e})") from None
-
-
 class SourceStore:
-    """Directory of trained sources, keyed by ``store_key``."""
+    """Directory of trained sources, keyed by ``store_key``.
 
-    def __init__(self, root: str | Path) -> None:
+    Args:
+        root: the store directory.
+        lock_timeout_s: how long to wait for another process's lock on a key before failing
+            (``LockTimeout``, naming the holder); None waits forever.
+        log_every_s: how often a wait is logged.
+        stale_after_s: age after which an unlocked temp directory counts as left by a killed save.
+    """
+
+    def __init__(self, root: str | Path, lock_timeout_s: float | None = 3600.0,
+                 log_every_s: float = 30.0, stale_after_s: float = 600.0) -> None:
         self.root = Path(root)
+        self.lock_timeout_s, self.log_every_s, self.stale_after_s = lock_timeout_s, log_every_s, stale_after_s
 
     def entry(self, key: str) -> Path:
         return self.root / _check_key(key)
 
-    def lock(self, key: str) -> FileLock:
+    # --- locking ------------------------------------------------------------------------------
+    def _lock_path(self, key: str) -> Path:
+        return self.root / f"{_check_key(key)}.lock"
+
+    def _owner_path(self, key: str) -> Path:
+        return self.root / f"{_check_key(key)}.lock.owner"
+
+    @contextlib.contextmanager
+    def lock(self, key: str) -> Iterator[None]:
+        """Hold the key's lock (waiting as ``lock_timeout_s`` allows); record who holds it."""
         self.root.mkdir(parents=True, exist_ok=True)
-        return FileLock(str(self.root / f"{_check_key(key)}.lock"))
-
-    def _read(self, key: str) -> dict[str, bytes]:
-        d = self.entry(key)
+        path = self._lock_path(key)
+        lock = FileLock(str(path))
+        self._acquire(lock, key)
+        owner = self._owner_path(key)
         try:
-            return {f: (d / f).read_bytes() for f in PACKAGE_FILES}
-        except OSError as e:
-            raise CorruptEntry(f"store entry {d}: {type(e).__name__}: {e.filename}") from None
+            atomic_write_json(owner, {"pid": os.getpid(), "host": socket.gethostname(),
+                                      "since": time.time()})
+            yield
+        finally:
+            owner.unlink(missing_ok=True)
+            lock.release()
 
+    def _acquire(self, lock: FileLock, key: str) -> None:
+        start = time.monotonic()
+        while True:
+            waited = time.monotonic() - start
+            step = self.log_every_s
+            if self.lock_timeout_s is not None:
+                step = max(0.0, min(step, self.lock_timeout_s - waited))
+            try:
+                lock.acquire(timeout=step)
+                return
+            except Timeout:
+                waited = time.monotonic() - start
+            if self.lock_timeout_s is not None and waited >= self.lock_timeout_s:
+                raise LockTimeout(f"store lock {self._lock_path(key)}: still held by {self.holder(key)} "
+                                  f"after {waited:.0f} s (lock_timeout_s={self.lock_timeout_s:g}); "
+                                  "wait for or stop that run, or raise lock_timeout_s")
+            log.warning("waiting %.0f s for store lock %s, held by %s", waited,
+                        self._lock_path(key), self.holder(key))
+
+    def holder(self, key: str) -> str:
+        """Who holds the key's lock, as recorded beside it (``pid P on host H since T``)."""
+        try:
+            rec = json.loads(self._owner_path(key).read_text())
+            since = dt.datetime.fromtimestamp(float(rec["since"]), dt.timezone.utc)
+            return (f"pid {int(rec['pid'])} on host {rec['host']} since "
+                    f"{since.strftime('%Y-%m-%dT%H:%M:%SZ')}")
+        except (OSError, ValueError, KeyError, TypeError):
+            return "an unknown process (no owner record beside the lock)"
+
+    # --- hygiene ----------------------------------------------------------------------------------
+    def sweep(self) -> list[Path]:
+        """Remove temp directories of saves that were killed: older than ``stale_after_s`` and not
+        under their key's lock (a live save holds it). Returns what was removed."""
+        removed: list[Path] = []
+        stale: list[Path] = []
+        with contextlib.suppress(FileNotFoundError), os.scandir(self.root) as it:
+            stale = [Path(e.path) for e in it if TEMP_RE.fullmatch(e.name)
+                     and e.is_dir(follow_symlinks=False)
+                     and time.time() - e.stat(follow_symlinks=False).st_mtime >= self.stale_after_s]
+        for tmp in stale:
+            lock = FileLock(str(self._lock_path(TEMP_RE.fullmatch(tmp.name).group(1))))
+            try:
+                lock.acquire(timeout=0)
+            except Timeout:
+                continue  # a save of that key is running
+            try:
+                shutil.rmtree(tmp, ignore_errors=True)
+                removed.append(tmp)
+                log.info("removed %s, left by an interrupted save", tmp)
+            finally:
+                lock.release()
+        return removed
+
+    # --- entries ----------------------------------------------------------------------------------
     def is_valid(self, key: str) -> bool:
         try:
             self.load(key)
@@ -99,12 +162,20 @@ class SourceStore:
             return False
 
     def load(self, key: str) -> tuple[dict[str, torch.Tensor], dict, dict]:
-        """``(state, config, metrics)`` of a complete entry; ``CorruptEntry`` otherwise."""
-        blobs = self._read(key)
-        state, config, metrics = _parse_entry(blobs, f"store entry {self.entry(key)}")
-        if json.loads(blobs["manifest.json"]).get("key") != key:
-            raise CorruptEntry(f"store entry {self.entry(key)}: manifest names another key")
-        return state, config, metrics
+        """``(state, config, metrics)`` of a complete entry; ``CorruptEntry`` naming the failed
+        check otherwise. Read like a package (bounded, config as data, no symlinks), except that
+        the model may be the user's own: it is never built from the entry's config."""
+        d = self.entry(key)
+        where = f"store entry {d}"
+        if not d.is_dir():
+            raise CorruptEntry(f"{where}: missing")
+        try:
+            entry = read_entry(d, where, strict=False)
+        except ConfigError as e:
+            raise CorruptEntry(str(e)) from None
+        if entry.manifest.get("key") != key:
+            raise CorruptEntry(f"{where}: manifest names another key")
+        return entry.state, entry.config, entry.metrics
 
     def save(self, key: str, state: dict[str, torch.Tensor], config: dict, metrics: dict) -> Path:
         """Write the entry into a temp dir beside it, then rename it into place.
@@ -123,8 +194,7 @@ class SourceStore:
                 with open(tmp / f, "rb") as fh:
                     os.fsync(fh.fileno())
             atomic_write_json(tmp / "manifest.json", {
-                "key": key, "created": time.time(),
-                "sha256": {f: sha256_bytes((tmp / f).read_bytes()) for f in FILES}})
+                "key": key, "created": time.time(), "sha256": {f: sha256_file(tmp / f) for f in FILES}})
             old = None
             if final.exists():  # an invalid leftover: move it aside, never delete before replacing
                 old = Path(tempfile.mkdtemp(prefix=f".{key}.old.", dir=self.root))
@@ -143,105 +213,20 @@ class SourceStore:
         """Load the entry, or train it once under a lock. Returns ``(state, config, metrics, hit)``.
 
         Processes asking for one key at once: the first trains, the others wait on the lock and
-        then load what it saved. A corrupt entry is retrained, not loaded.
+        then load what it saved. An invalid entry is retrained, and the log says why.
         """
-        try:
+        self.sweep()
+        with contextlib.suppress(CorruptEntry):
             return (*self.load(key), True)
-        except CorruptEntry:
-            pass
         with self.lock(key):
             try:  # someone else trained it while we waited
                 return (*self.load(key), True)
-            except CorruptEntry:
-                pass
+            except CorruptEntry as e:
+                if self.entry(key).exists():
+                    log.warning("retraining source %s: %s", key, e)
+                else:
+                    log.info("source %s is not in the store %s: training it", key, self.root)
             state, config, metrics = train()
             self.save(key, state, config, metrics)
             # return what is on disk, so the trainer and the waiters hold identical tensors
             return (*self.load(key), False)
-
-
-# --- external sources and knowledge packages ---------------------------------------------------
-def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
-    """A state dict from ``.safetensors``, a knowledge package, or a Lightning/torch checkpoint.
-
-    Pickled checkpoints are read with ``weights_only=True``: a file that would run code (or
-    build any object but tensors and containers) is refused, and nothing in it executes.
-    """
-    p = Path(path)
-    if not p.exists():
-        raise ConfigError(f"source.checkpoint={path}: no such file or directory")
-    if p.is_dir() or p.suffix == ".zip":
-        return read_package(p)[0]
-    return read_weights(p, "source.checkpoint")
-
-
-def export_package(store: SourceStore, key: str, out: str | Path) -> Path:
-    """Write a portable knowledge package (zip): weights, the config that rebuilds the model,
-    and a card with the source's metrics."""
-    try:
-        blobs = store._read(key)
-        _, config, metrics = _parse_entry(blobs, f"store entry {store.entry(key)}")
-    except CorruptEntry:
-        raise ConfigError(f"store entry {key} under {store.root} is missing or incomplete") from None
-    card = (f"# Source model {key}\n\nmodel: {config.get('model')}\ndata: {config.get('data')}\n"
-            f"input shape: {config.get('input_shape')}, classes: {config.get('num_classes')}\n"
-            f"metrics: {json.dumps(metrics)}\n")
-    buf = io.BytesIO()
-    with zipfile.ZipFile(buf, "w") as z:
-        for f in PACKAGE_FILES:
-            z.writestr(f, blobs[f])
-        z.writestr("CARD.md", card)
-    out = Path(out)
-    atomic_write_bytes(out, buf.getvalue())
-    return out
-
-
-def _package_blobs(path: Path) -> dict[str, bytes]:
-    if path.is_dir():
-        return {f: (path / f).read_bytes() for f in PACKAGE_FILES if (path / f).is_file()}
-    try:
-        with zipfile.ZipFile(path) as z:
-            # only the fixed member names are read (no extraction: no path tricks)
-            return {f: z.read(f) for f in PACKAGE_FILES if f in z.namelist()}
-    except (zipfile.BadZipFile, OSError) as e:
-        raise ConfigError(f"knowledge package {path}: not a readable zip ({e})") from None
-
-
-def read_package(path: str | Path) -> tuple[dict[str, torch.Tensor], dict, dict]:
-    """Validate and read a knowledge package (zip or directory).
-
-    Checked in order, each failure one ``ConfigError`` line: all files present, SHA-256 of each
-    against the manifest, the key against the hash of the config, the model config names a
-    ``transfer_lab.models`` builder, and the tensors' keys, shapes and dtypes against the model
-    that config rebuilds.
-    """
-    path = Path(path)
-    if not path.exists():
-        raise ConfigError(f"knowledge package {path}: no such file or directory")
-    blobs = _package_blobs(path)
-    missing = [f for f in PACKAGE_FILES if f not in blobs]
-    if missing:
-        raise ConfigError(f"knowledge package {path}: missing {', '.join(missing)}")
-    try:
-        state, config, metrics = _parse_entry(blobs, f"knowledge package {path}")
-    except CorruptEntry as e:
-        raise ConfigError(str(e).splitlines()[0]) from None
-    if not isinstance(config, dict) or not isinstance(metrics, dict):
-        raise ConfigError(f"knowledge package {path}: config.json and metrics.json must be objects")
-    key = config.get("key")
-    if key is not None:
-        spec = {k: v for k, v in config.items() if k != "key"}
-        if not isinstance(key, str) or store_key(spec) != key:
-            raise ConfigError(f"knowledge package {path}: key {key!r} is not the hash of its "
-                              "config (edited or forged)")
-    validate_package(state, config, f"knowledge package {path}")
-    return state, config, metrics
-
-
-def import_package(path: str | Path, store: SourceStore) -> str:
-    """Validate a package and add it to ``store`` under its key (returned)."""
-    state, config, metrics = read_package(path)
-    key = config.get("key") or store_key(config)
-    with store.lock(key):
-        store.save(key, state, config, metrics)
-    return key

@@ -177,11 +177,14 @@ def test_package_tensors_are_checked_against_the_model_its_config_rebuilds(good,
 
 def test_package_checksum_mismatch_and_missing_files(good, tmp_path):
     _, config, state = good
-    man = {"key": config["key"], "sha256": {"model.safetensors": "0" * 64, "config.json": "x",
-                                            "metrics.json": "y"}}
-    with pytest.raises(ConfigError, match="checksum mismatch for model.safetensors") as e:
-        read_package(write_package(tmp_path / "a.zip", state, config, manifest=man))
-    one_line(e)
+    sums = {"config.json": sha256_bytes(json.dumps(config).encode()),
+            "metrics.json": sha256_bytes(json.dumps({"test/acc": 0.5}).encode())}
+    for bad in ("model.safetensors", "config.json", "metrics.json"):
+        man = {"key": config["key"], "sha256": {**sums, "model.safetensors": sha256_bytes(st_save(state)),
+                                                bad: "0" * 64}}
+        with pytest.raises(ConfigError, match=f"checksum mismatch for {bad}") as e:
+            read_package(write_package(tmp_path / "a.zip", state, config, manifest=man))
+        one_line(e)
     with pytest.raises(ConfigError, match="missing manifest.json"):
         read_package(write_package(tmp_path / "b.zip", state, config, skip=("manifest.json",)))
     (tmp_path / "c.zip").write_bytes(b"PK\x03\x04 truncated")
