@@ -289,3 +289,15 @@ def test_issue8_experiment_presets_compose(name, key, value):
 
     cfg = compose_cfg(f"experiment={name}", tiny=False)
     assert OmegaConf.select(cfg, key) == value
+
+
+@pytest.mark.parametrize("n, d", [(21, 512), (8, 64), (200, 16)])
+def test_logme_is_finite_with_fewer_samples_than_feature_dims(n, d):
+    """n < d (a pretrained 512-d backbone on a few labelled images) used to drive β negative
+    through rounding (math domain error); the score must be finite whatever the shape."""
+    from transfer_lab.analysis.transferability import logme
+
+    rng = np.random.default_rng(0)
+    f = rng.standard_normal((n, d)) * 3.0 + 1.0
+    y = np.arange(n) % 3
+    assert np.isfinite(logme(f, y))

@@ -7,6 +7,7 @@ from safetensors.torch import save_file
 
 from transfer_lab.errors import ConfigError
 from transfer_lab.models import model_data_config, timm_model, timm_state_dict
+from transfer_lab.strategies.adapter import Adapter
 from transfer_lab.strategies.lora import LoRA
 from transfer_lab.strategies.partial import Partial
 
@@ -76,6 +77,23 @@ def test_lora_wraps_and_starts_as_source(pair):
     trainable = {n.split(".")[-1] for n, p in model.named_parameters() if p.requires_grad
                  and not n.startswith("head.")}
     assert trainable == {"lora_A", "lora_B"}
+    src.eval(), model.eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(model.features(x), src.features(x), rtol=1e-4, atol=1e-5)
+
+
+def test_adapter_wraps_every_block_and_starts_as_source(pair):
+    """Adapters go after every block — feature maps on CNNs, (N, T, D) tokens on a ViT — and
+    start as the identity (up-projection at zero), so the adapted model is the source."""
+    import copy
+
+    name, blocks, _, src, tgt = pair
+    strategy = Adapter()
+    model = strategy.build(src, copy.deepcopy(tgt))
+    if "vit" in name:  # every transformer block's tokens get an adapter (failed before: 3-D outputs)
+        assert {f"backbone.blocks_{i}" for i in range(12)} <= set(strategy.wrapped)
+    assert strategy.wrapped
     src.eval(), model.eval()
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():

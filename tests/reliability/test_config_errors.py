@@ -88,7 +88,7 @@ def test_unknown_option_lists_the_valid_ones():
 @pytest.mark.parametrize("group, names", [
     ("strategy", STRATEGIES),
     ("model@source.model", sorted(p.stem for p in (CONF / "model").glob("*.yaml"))),
-    ("data@target.data", sorted(p.stem for p in (CONF / "data").glob("*.yaml") if p.stem not in ("npz", "table"))),
+    ("data@target.data", sorted(p.stem for p in (CONF / "data").glob("*.yaml") if p.stem not in ("npz", "table", "image_folder"))),
     ("optimizer@target.optimizer", sorted(p.stem for p in (CONF / "optimizer").glob("*.yaml"))),
     ("trainer", sorted(p.stem for p in (CONF / "trainer").glob("*.yaml"))),
 ])

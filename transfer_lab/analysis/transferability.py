@@ -54,7 +54,8 @@ def logme_column(f: np.ndarray, y: np.ndarray, max_iter: int = 100,
         m = _posterior_mean(f, y, s, v, alpha, beta)
         gamma = float((beta * s / (alpha + beta * s)).sum())  # effective number of parameters
         alpha_new = gamma / max(float(m @ m), 1e-300)
-        beta_new = (n - gamma) / max(float(((y - f @ m) ** 2).sum()), 1e-300)
+        # γ ≤ rank(F) ≤ n exactly; with n < d rounding can push it past n (β < 0, log fails)
+        beta_new = max(n - gamma, 1e-10) / max(float(((y - f @ m) ** 2).sum()), 1e-300)
         done = abs(alpha_new / beta_new - alpha / beta) <= tol * (alpha / beta)
         alpha, beta = alpha_new, beta_new
         if done:

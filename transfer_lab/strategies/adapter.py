@@ -52,13 +52,13 @@ class Adapter(Strategy):
         shapes = output_shapes(target, paths, target.input_shape)
         for path in sorted(paths, key=lambda p: -p.count(".")):  # inner first: paths stay valid
             shape = shapes.get(path)
-            if shape is None or len(shape) not in (2, 4):
+            if shape is None or len(shape) not in (2, 3, 4):
                 if self.layers:  # asked for by name: say why it cannot be done
                     raise ConfigError(f"strategy.layers: {path} outputs shape "
                                       f"{None if shape is None else tuple(shape)}; adapters need "
-                                      "(N, C, H, W) or (N, D) outputs")
+                                      "(N, C, H, W), (N, T, D) or (N, D) outputs")
                 continue
-            c = int(shape[1])
+            c = int(shape[1] if len(shape) == 4 else shape[-1])  # tokens (ViT): adapt the last dim
             hidden = max(self.min_hidden, c // self.reduction)
             replace_module(target, path, AdapterLayer(target.get_submodule(path), c, hidden,
                                                       spatial=len(shape) == 4,

@@ -22,7 +22,8 @@ ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU}
 class AdapterLayer(nn.Module):
     """Residual bottleneck adapter after a block: ``h + up(act(down(h)))`` with ``h = base(x)``.
 
-    Works on ``(N, C, H, W)`` feature maps (1x1 convolutions) and ``(N, D)`` features (linear).
+    Works on ``(N, C, H, W)`` feature maps (1x1 convolutions) and ``(N, D)`` or ``(N, T, D)``
+    features (linear on the last dim: a ViT block's tokens).
     ``up`` starts at zero, so the wrapped block starts as the source block (Houlsby et al., 2019).
 
     Args:
