@@ -4,9 +4,9 @@
   constructor's signature — unknown keys, values of the wrong type, unresolved ``???`` — plus
   the run's own scalar keys (seed, epochs; learning rates finite and > 0), no NaN anywhere, model
   sizes ≥ 1. Data options are range-checked by the data modules' constructors (data/checks.py).
-* ``check_model_spec`` / ``rebuild_reference`` / ``check_state`` / ``validate_package``: a state
-  dict from outside (a knowledge package, a checkpoint) against the model its config rebuilds —
-  keys, shapes, dtypes — without trusting the config to name arbitrary code.
+* ``check_state``: a state dict from outside (a knowledge package, a checkpoint) against a
+  reference model's — keys, shapes, dtypes. Configs from files are parsed and built by
+  ``transfer_lab.model_spec`` (plain JSON, an allow-list of factories), never here.
 * ``load_into``: a strict, shape-checked ``load_state_dict`` that fails with one line.
 * ``preflight_build``: a strategy's ``build`` on freshly initialised models, so a glob matching
   nothing, a strict-copy shape mismatch or an incompatible source/target fails before the source
@@ -30,8 +30,6 @@ from torch import nn
 
 from transfer_lab.errors import ConfigError
 
-#: a package's model ``_target_`` must live here: a config from outside names no other code
-MODEL_TARGET_PREFIX = "transfer_lab.models."
 #: keys the run injects into leaves (not in the YAML, but accepted by the constructors)
 INJECTED = {"data": {"seed", "key", "channels", "image_size"},
             "model": {"in_channels", "image_size", "num_classes"}}
@@ -228,58 +226,6 @@ def validate_config(cfg: Any) -> None:
 
 
 # --- state dicts from outside --------------------------------------------------------------------
-def _nested_targets(obj: Any, path: str) -> list[str]:
-    if isinstance(obj, Mapping):
-        found = [f"{path}._target_"] if "_target_" in obj else []
-        for k, v in obj.items():
-            found += _nested_targets(v, f"{path}.{k}")
-        return found
-    if isinstance(obj, (list, tuple)):
-        return [t for i, v in enumerate(obj) for t in _nested_targets(v, f"{path}[{i}]")]
-    return []
-
-
-def check_model_spec(config: Mapping[str, Any], where: str) -> tuple[dict, tuple[int, int, int], int]:
-    """The model part of a store/package config, checked so that rebuilding it runs no foreign code."""
-    model = config.get("model")
-    if not isinstance(model, Mapping) or not isinstance(model.get("_target_"), str):
-        raise ConfigError(f"{where}: config.json has no model._target_")
-    target = model["_target_"]
-    if not target.startswith(MODEL_TARGET_PREFIX) or not target[len(MODEL_TARGET_PREFIX):].isidentifier():
-        raise ConfigError(f"{where}: model._target_={target!r} is not a transfer_lab model "
-                          f"(only {MODEL_TARGET_PREFIX}* is rebuilt from a package)")
-    nested = [t for t in _nested_targets(model, "model") if t != "model._target_"]
-    if nested or any(k in model for k in ("_args_", "_partial_")):
-        raise ConfigError(f"{where}: model config carries {nested or '_args_/_partial_'}; refused")
-    shape, n = config.get("input_shape"), config.get("num_classes")
-    if (not isinstance(shape, (list, tuple)) or len(shape) != 3
-            or not all(isinstance(s, int) and s > 0 for s in shape)):
-        raise ConfigError(f"{where}: input_shape={shape!r}: expected [C, H, W] positive integers")
-    if not isinstance(n, int) or isinstance(n, bool) or n < 1:
-        raise ConfigError(f"{where}: num_classes={n!r}: expected a positive integer")
-    return dict(model), (shape[0], shape[1], shape[2]), n
-
-
-def rebuild_reference(config: Mapping[str, Any], where: str) -> dict[str, torch.Tensor]:
-    """The state dict (on the meta device: shapes and dtypes, no memory) of the model the config
-    rebuilds. Pretrained-weight options are dropped: only the architecture matters here."""
-    from hydra.utils import instantiate
-
-    model, (c, _, s), n = check_model_spec(config, where)
-    for k in ("weights", "checkpoint"):
-        if k in model:
-            model[k] = None
-    try:
-        with torch.device("meta"):
-            net = instantiate(model, in_channels=c, image_size=s, num_classes=n)
-    except ConfigError:
-        raise
-    except Exception as e:  # noqa: BLE001 — a config that builds no model is a bad package
-        raise ConfigError(f"{where}: model {model['_target_']} cannot be rebuilt from its config "
-                          f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
-    return net.state_dict()
-
-
 def check_state(state: Mapping[str, torch.Tensor], reference: Mapping[str, torch.Tensor],
                 where: str, *, dtypes: bool = True) -> None:
     """Same keys, shapes and (optionally) dtypes as ``reference``, or one line naming the first fault."""
@@ -300,11 +246,6 @@ def check_state(state: Mapping[str, torch.Tensor], reference: Mapping[str, torch
             raise ConfigError(f"{where}: {k} has dtype {got.dtype}, the model expects {ref.dtype}")
         if got.is_floating_point() and got.numel() and not torch.isfinite(got).all():
             raise ConfigError(f"{where}: {k} holds non-finite values")
-
-
-def validate_package(state: Mapping[str, torch.Tensor], config: Mapping[str, Any], where: str) -> None:
-    """A package's tensors against the model its own config rebuilds (keys, shapes, dtypes)."""
-    check_state(state, rebuild_reference(config, where), where)
 
 
 def load_into(model: nn.Module, state: Mapping[str, torch.Tensor], where: str) -> nn.Module:
