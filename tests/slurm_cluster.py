@@ -75,7 +75,9 @@ class SlurmCluster:
             "ClusterName": "transferlab", "SlurmctldHost": f"{self.host}(127.0.0.1)",
             "SlurmUser": "root", "SlurmdUser": "root",
             "SlurmctldPort": free_port(), "SlurmdPort": free_port(),
-            "AuthType": "auth/munge", "CredType": "cred/munge", "AuthInfo": f"socket={self.socket}",
+            "AuthType": "auth/munge", "CredType": "cred/munge",
+            # cred_expire also sets how long a requeued job waits before it may start again (120 s + 1)
+            "AuthInfo": f"socket={self.socket},cred_expire=15",
             "StateSaveLocation": r / "state", "SlurmdSpoolDir": r / "spool",
             "SlurmctldPidFile": r / "slurmctld.pid", "SlurmdPidFile": r / "slurmd.pid",
             "SlurmctldLogFile": r / "slurmctld.log", "SlurmdLogFile": r / "slurmd.log",
@@ -84,6 +86,8 @@ class SlurmCluster:
             "JobAcctGatherType": "jobacct_gather/none", "AccountingStorageType": "accounting_storage/none",
             "SelectType": "select/cons_tres", "SelectTypeParameters": "CR_CPU_Memory",
             "SchedulerType": "sched/backfill", "MpiDefault": "none", "ReturnToService": 2,
+            # schedule every 2 s, not 60: a requeued job is started as soon as it is eligible
+            "SchedulerParameters": "sched_interval=2,bf_interval=1",
             # seconds between SIGTERM and SIGKILL when a job is cancelled or requeued (default 30)
             "KillWait": 2, "InactiveLimit": 0, "MinJobAge": 600, "SlurmdTimeout": 60,
         }

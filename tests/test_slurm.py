@@ -11,6 +11,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -39,17 +40,24 @@ def cluster(tmp_path_factory):
         yield c
 
 
-def sweep(cluster: SlurmCluster, sweep_dir: Path, *overrides: str, timeout: float = 300) -> None:
-    """``python -m transfer_lab.train -m hydra/launcher=slurm ...``; returns when every job has ended."""
+def start_sweep(cluster: SlurmCluster, sweep_dir: Path, *overrides: str) -> subprocess.Popen:
+    """``python -m transfer_lab.train -m hydra/launcher=slurm ...`` in the background."""
     env = cluster.env()
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
     cmd = [sys.executable, "-m", "transfer_lab.train", "-m", *ON_THIS_NODE, *TINY, *overrides,
            f"hydra.sweep.dir={sweep_dir}", "hydra.sweep.subdir=${hydra.job.num}"]
+    return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def finish(p: subprocess.Popen, cluster: SlurmCluster, sweep_dir: Path, timeout: float = 300) -> None:
+    """Wait for the launcher, which returns once every job has written its result."""
     try:
-        p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
-    except subprocess.TimeoutExpired as e:
-        pytest.fail(f"sweep still running after {timeout:.0f} s\n{job_logs(sweep_dir)}\n{cluster.logs()}\n{e.stderr}")
-    assert p.returncode == 0, f"sweep exited {p.returncode}\n{p.stderr[-3000:]}\n{job_logs(sweep_dir)}"
+        _, err = p.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        p.kill()
+        _, err = p.communicate()
+        pytest.fail(f"sweep still running after {timeout:.0f} s\n{err[-3000:]}\n{job_logs(sweep_dir)}\n{cluster.logs()}")
+    assert p.returncode == 0, f"sweep exited {p.returncode}\n{err[-3000:]}\n{job_logs(sweep_dir)}"
 
 
 def job_logs(sweep_dir: Path, tail: int = 20) -> str:
@@ -66,7 +74,8 @@ def results_under(d: Path) -> dict[str, dict]:
 
 def test_two_cells_through_sbatch_share_one_source_training(cluster, tmp_path):
     sweep_dir, store = tmp_path / "sweep", tmp_path / "store"
-    sweep(cluster, sweep_dir, "strategy=finetune,linear_probe", f"store_dir={store}")
+    finish(start_sweep(cluster, sweep_dir, "strategy=finetune,linear_probe", f"store_dir={store}"),
+           cluster, sweep_dir)
 
     res = results_under(sweep_dir)
     assert sorted(res) == ["0", "1"] and all(r["status"] == "ok" for r in res.values()), res
@@ -78,3 +87,57 @@ def test_two_cells_through_sbatch_share_one_source_training(cluster, tmp_path):
     assert sorted(r["source"]["cache_hit"] for r in res.values()) == [False, True]
     assert [p.name for p in store.iterdir() if p.is_dir() and p.name != ".logs"] == [res["0"]["source"]["key"]]
     assert len(list((store / ".logs").iterdir())) == 1
+
+
+# How each cell of the requeue sweep is interrupted once its first epoch's last.ckpt exists:
+INTERRUPTS = {
+    # Slurm requeues the job itself (an admin, or PreemptMode=REQUEUE): SIGTERM, KillWait, SIGKILL
+    "0": ("scontrol", "requeue"),
+    # submitit's signal (--signal=USR2@signal_delay_s before the time limit, or at preemption):
+    # it re-pickles the Hydra job and calls scontrol requeue; needs max_num_timeout > 0
+    "1": ("scancel", "--signal=USR2"),
+    # Lightning's SLURMEnvironment(auto_requeue=True): saves hpc_ckpt_*.ckpt, calls scontrol requeue
+    "2": ("scancel", "--signal=USR1"),
+}
+
+
+EPOCHS = 8
+
+
+def array_job_id(cluster: SlurmCluster, deadline: float) -> str:
+    while time.monotonic() < deadline:
+        ids = cluster.check("squeue", "-h", "-o", "%F").split()
+        if ids:
+            return ids[0]
+        time.sleep(0.2)
+    pytest.fail(f"no job in squeue\n{cluster.logs()}")
+
+
+def test_requeued_cells_resume_from_their_last_checkpoint_and_finish_once(cluster, tmp_path):
+    sweep_dir = tmp_path / "sweep"
+    # each cell is interrupted as soon as epoch 0's last.ckpt exists, with 7 epochs to go
+    p = start_sweep(cluster, sweep_dir, "strategy=finetune,linear_probe,partial", f"store_dir={tmp_path / 'store'}",
+                    f"target.epochs={EPOCHS}")
+    deadline = time.monotonic() + 240
+    job = array_job_id(cluster, deadline)
+    pending = dict(INTERRUPTS)
+    while pending and p.poll() is None and time.monotonic() < deadline:
+        for cell, cmd in list(pending.items()):
+            if (sweep_dir / cell / "checkpoints" / "last.ckpt").is_file():
+                cluster.check(*cmd, f"{job}_{cell}")
+                del pending[cell]
+        time.sleep(0.1)
+    assert not pending, f"cells {sorted(pending)} finished before they could be interrupted"
+    finish(p, cluster, sweep_dir)
+
+    res = results_under(sweep_dir)
+    assert sorted(res) == sorted(INTERRUPTS) and all(r["status"] == "ok" for r in res.values()), res
+    for cell, r in res.items():
+        t = r["target_training"]
+        assert t["epochs"] == EPOCHS, (cell, t)
+        assert isinstance(t["resumed_after_epoch"], int) and 0 <= t["resumed_after_epoch"] < EPOCHS - 1, (cell, t)
+        log = next(sweep_dir.glob(f".submitit/{job}_{cell}/*_log.out")).read_text()
+        assert log.count("Starting with JobEnvironment") == 2, (cell, log)  # ran twice ...
+        assert log.count(f"[{r['strategy']} seed=0] target") == 1, (cell, log)  # ... finished once
+        restarts = cluster.check("scontrol", "show", "job", f"{job}_{cell}")
+        assert "Restarts=1" in restarts, restarts
