@@ -89,45 +89,52 @@ def test_two_cells_through_sbatch_share_one_source_training(cluster, tmp_path):
     assert len(list((store / ".logs").iterdir())) == 1
 
 
-# How each cell of the requeue sweep is interrupted once its first epoch's last.ckpt exists:
+# How each cell of the requeue sweep is interrupted once epoch 0's last.ckpt exists, and the line
+# in the cell's job log that shows who requeued it:
 INTERRUPTS = {
     # Slurm requeues the job itself (an admin, or PreemptMode=REQUEUE): SIGTERM, KillWait, SIGKILL
-    "0": ("scontrol", "requeue"),
+    "0": (("scontrol", "requeue"), "CANCELLED AT"),
     # submitit's signal (--signal=USR2@signal_delay_s before the time limit, or at preemption):
     # it re-pickles the Hydra job and calls scontrol requeue; needs max_num_timeout > 0
-    "1": ("scancel", "--signal=USR2"),
+    "1": (("scancel", "--signal=USR2"), "Requeued job {job}"),
     # Lightning's SLURMEnvironment(auto_requeue=True): saves hpc_ckpt_*.ckpt, calls scontrol requeue
-    "2": ("scancel", "--signal=USR1"),
+    "2": (("scancel", "--signal=USR1"), "Requeued SLURM job: {job}"),
 }
+# 8 steps an epoch: the interrupt (within ~0.3 s of last.ckpt) lands with seconds of training to go
+EPOCHS, N_TRAIN = 30, 256
 
 
-EPOCHS = 8
-
-
-def array_job_id(cluster: SlurmCluster, deadline: float) -> str:
+def array_job_id(sweep_dir: Path, deadline: float) -> str:
+    """The sweep's SLURM array job id: submitit names each task's folder ``<array id>_<task>``
+    right after sbatch returns (squeue may still list the previous test's jobs, completing)."""
     while time.monotonic() < deadline:
-        ids = cluster.check("squeue", "-h", "-o", "%F").split()
-        if ids:
-            return ids[0]
+        folders = list(sweep_dir.glob(".submitit/*_0"))
+        if folders:
+            return folders[0].name.split("_")[0]
         time.sleep(0.2)
-    pytest.fail(f"no job in squeue\n{cluster.logs()}")
+    pytest.fail(f"no submitit folder in {sweep_dir}")
 
 
-def test_requeued_cells_resume_from_their_last_checkpoint_and_finish_once(cluster, tmp_path):
-    sweep_dir = tmp_path / "sweep"
-    # each cell is interrupted as soon as epoch 0's last.ckpt exists, with 7 epochs to go
-    p = start_sweep(cluster, sweep_dir, "strategy=finetune,linear_probe,partial", f"store_dir={tmp_path / 'store'}",
-                    f"target.epochs={EPOCHS}")
+def interrupt_after_first_epoch(cluster: SlurmCluster, p: subprocess.Popen, sweep_dir: Path) -> str:
+    """Interrupt each cell's job as soon as its first checkpoint is written; the array job id."""
     deadline = time.monotonic() + 240
-    job = array_job_id(cluster, deadline)
+    job = array_job_id(sweep_dir, deadline)
     pending = dict(INTERRUPTS)
     while pending and p.poll() is None and time.monotonic() < deadline:
-        for cell, cmd in list(pending.items()):
+        for cell, (cmd, _) in list(pending.items()):
             if (sweep_dir / cell / "checkpoints" / "last.ckpt").is_file():
                 cluster.check(*cmd, f"{job}_{cell}")
                 del pending[cell]
         time.sleep(0.1)
-    assert not pending, f"cells {sorted(pending)} finished before they could be interrupted"
+    assert not pending, f"cells {sorted(pending)} were not interrupted (sweep ended or 240 s passed)"
+    return job
+
+
+def test_requeued_cells_resume_from_their_last_checkpoint_and_finish_once(cluster, tmp_path):
+    sweep_dir = tmp_path / "sweep"
+    p = start_sweep(cluster, sweep_dir, "strategy=finetune,linear_probe,partial", f"store_dir={tmp_path / 'store'}",
+                    f"target.epochs={EPOCHS}", f"target.data.n_train={N_TRAIN}")
+    job = interrupt_after_first_epoch(cluster, p, sweep_dir)
     finish(p, cluster, sweep_dir)
 
     res = results_under(sweep_dir)
@@ -136,8 +143,8 @@ def test_requeued_cells_resume_from_their_last_checkpoint_and_finish_once(cluste
         t = r["target_training"]
         assert t["epochs"] == EPOCHS, (cell, t)
         assert isinstance(t["resumed_after_epoch"], int) and 0 <= t["resumed_after_epoch"] < EPOCHS - 1, (cell, t)
-        log = next(sweep_dir.glob(f".submitit/{job}_{cell}/*_log.out")).read_text()
+        log = "".join(f.read_text() for f in sorted(sweep_dir.glob(f".submitit/{job}_{cell}/*_log.*")))
+        assert INTERRUPTS[cell][1].format(job=f"{job}_{cell}") in log, (cell, log)
         assert log.count("Starting with JobEnvironment") == 2, (cell, log)  # ran twice ...
         assert log.count(f"[{r['strategy']} seed=0] target") == 1, (cell, log)  # ... finished once
-        restarts = cluster.check("scontrol", "show", "job", f"{job}_{cell}")
-        assert "Restarts=1" in restarts, restarts
+        assert "Restarts=1" in cluster.check("scontrol", "show", "job", f"{job}_{cell}")
