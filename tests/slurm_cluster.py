@@ -76,8 +76,8 @@ class SlurmCluster:
             "SlurmUser": "root", "SlurmdUser": "root",
             "SlurmctldPort": free_port(), "SlurmdPort": free_port(),
             "AuthType": "auth/munge", "CredType": "cred/munge",
-            # cred_expire also sets how long a requeued job waits before it may start again (120 s + 1)
-            "AuthInfo": f"socket={self.socket},cred_expire=15",
+            # cred_expire (default 120 s) is also how long a requeued job waits before it may restart
+            "AuthInfo": f"socket={self.socket},cred_expire=5",
             "StateSaveLocation": r / "state", "SlurmdSpoolDir": r / "spool",
             "SlurmctldPidFile": r / "slurmctld.pid", "SlurmdPidFile": r / "slurmd.pid",
             "SlurmctldLogFile": r / "slurmctld.log", "SlurmdLogFile": r / "slurmd.log",
@@ -89,7 +89,7 @@ class SlurmCluster:
             # schedule every 2 s, not 60: a requeued job is started as soon as it is eligible
             "SchedulerParameters": "sched_interval=2,bf_interval=1",
             # seconds between SIGTERM and SIGKILL when a job is cancelled or requeued (default 30)
-            "KillWait": 2, "InactiveLimit": 0, "MinJobAge": 600, "SlurmdTimeout": 60,
+            "KillWait": 2, "InactiveLimit": 0, "MinJobAge": 600, "SlurmdTimeout": 60, "MailProg": "/bin/true",
         }
         text = "".join(f"{k}={v}\n" for k, v in lines.items())
         return text + (
@@ -122,10 +122,9 @@ class SlurmCluster:
         return p.stdout
 
     def spawn(self, name: str, *cmd: str) -> None:
-        log = open(self.root / f"{name}.out", "ab")  # noqa: SIM115 — closed with the process
-        self.procs[name] = subprocess.Popen(cmd, env=self.env(), stdout=log, stderr=subprocess.STDOUT,
+        # in the foreground the daemons also print what they log: their log files are enough
+        self.procs[name] = subprocess.Popen(cmd, env=self.env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                             stdin=subprocess.DEVNULL, start_new_session=True)
-        log.close()
 
     def start(self) -> SlurmCluster:
         self.write_config()
@@ -159,10 +158,9 @@ class SlurmCluster:
     def logs(self, tail: int = 15) -> str:
         """The last lines of every daemon log, for failure messages."""
         out = []
-        for p in sorted(self.root.glob("*.log")) + sorted(self.root.glob("*.out")) + [self.root / "munge" / "munged.log"]:
+        for p in (self.root / "slurmctld.log", self.root / "slurmd.log", self.root / "munge" / "munged.log"):
             if p.is_file():
-                lines = p.read_text(errors="replace").splitlines()[-tail:]
-                out.append(f"--- {p.name}\n" + "\n".join(lines))
+                out.append(f"--- {p.name}\n" + "\n".join(p.read_text(errors="replace").splitlines()[-tail:]))
         return "\n".join(out)
 
     def stop(self) -> None:

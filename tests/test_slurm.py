@@ -26,7 +26,7 @@ TINY = ["data@source.data=synthetic", "data@target.data=synthetic", "model@sourc
         "source.epochs=2", "target.epochs=2", "trainer=cpu", "trainer.enable_progress_bar=false",
         "transferability=false"]
 ON_THIS_NODE = ["hydra/launcher=slurm", "hydra.launcher.gpus_per_node=null", "hydra.launcher.cpus_per_task=1",
-                "hydra.launcher.mem_gb=2", "hydra.launcher.timeout_min=5"]
+                "hydra.launcher.mem_gb=2", "hydra.launcher.timeout_min=10"]
 
 
 @pytest.fixture(scope="module")
