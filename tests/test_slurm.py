@@ -41,23 +41,30 @@ def cluster(tmp_path_factory):
 
 
 def start_sweep(cluster: SlurmCluster, sweep_dir: Path, *overrides: str) -> subprocess.Popen:
-    """``python -m transfer_lab.train -m hydra/launcher=slurm ...`` in the background."""
+    """``python -m transfer_lab.train -m hydra/launcher=slurm ...`` in the background; its output
+    goes to ``<sweep_dir>.log`` (a file: a pipe nobody reads while it runs could fill and block it)."""
     env = cluster.env()
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
     cmd = [sys.executable, "-m", "transfer_lab.train", "-m", *ON_THIS_NODE, *TINY, *overrides,
            f"hydra.sweep.dir={sweep_dir}", "hydra.sweep.subdir=${hydra.job.num}"]
-    return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    with open(f"{sweep_dir}.log", "w") as log:
+        return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
 
 
 def finish(p: subprocess.Popen, cluster: SlurmCluster, sweep_dir: Path, timeout: float = 300) -> None:
     """Wait for the launcher, which returns once every job has written its result."""
     try:
-        _, err = p.communicate(timeout=timeout)
+        p.wait(timeout=timeout)
     except subprocess.TimeoutExpired:
         p.kill()
-        _, err = p.communicate()
-        pytest.fail(f"sweep still running after {timeout:.0f} s\n{err[-3000:]}\n{job_logs(sweep_dir)}\n{cluster.logs()}")
-    assert p.returncode == 0, f"sweep exited {p.returncode}\n{err[-3000:]}\n{job_logs(sweep_dir)}"
+        p.wait()
+        pytest.fail(f"sweep still running after {timeout:.0f} s\n{launcher_log(sweep_dir)}\n"
+                    f"{job_logs(sweep_dir)}\n{cluster.logs()}")
+    assert p.returncode == 0, f"sweep exited {p.returncode}\n{launcher_log(sweep_dir)}\n{job_logs(sweep_dir)}"
+
+
+def launcher_log(sweep_dir: Path) -> str:
+    return Path(f"{sweep_dir}.log").read_text(errors="replace")[-3000:]
 
 
 def job_logs(sweep_dir: Path, tail: int = 20) -> str:
