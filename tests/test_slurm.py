@@ -96,17 +96,17 @@ def test_two_cells_through_sbatch_share_one_source_training(cluster, tmp_path):
     assert len(list((store / ".logs").iterdir())) == 1
 
 
-# How each cell of the requeue sweep is interrupted once epoch 0's last.ckpt exists, and the line
-# in the cell's job log that shows who requeued it:
-INTERRUPTS = {
+# The requeue sweep's cells, in order: each is interrupted once epoch 0's last.ckpt exists, by
+# (name, command + job id, the line in the cell's job log that shows who requeued it)
+INTERRUPTS = [
     # Slurm requeues the job itself (an admin, or PreemptMode=REQUEUE): SIGTERM, KillWait, SIGKILL
-    "0": (("scontrol", "requeue"), "CANCELLED AT"),
+    ("slurm", ("scontrol", "requeue"), "CANCELLED AT"),
     # submitit's signal (--signal=USR2@signal_delay_s before the time limit, or at preemption):
     # it re-pickles the Hydra job and calls scontrol requeue; needs max_num_timeout > 0
-    "1": (("scancel", "--signal=USR2"), "Requeued job {job}"),
+    ("submitit", ("scancel", "--signal=USR2"), "Requeued job {job}"),
     # Lightning's SLURMEnvironment(auto_requeue=True): saves hpc_ckpt_*.ckpt, calls scontrol requeue
-    "2": (("scancel", "--signal=USR1"), "Requeued SLURM job: {job}"),
-}
+    ("lightning", ("scancel", "--signal=USR1"), "Requeued SLURM job: {job}"),
+]
 # 8 steps an epoch: the interrupt (within ~0.3 s of last.ckpt) lands with seconds of training to go
 EPOCHS, N_TRAIN = 30, 256
 
@@ -126,9 +126,9 @@ def interrupt_after_first_epoch(cluster: SlurmCluster, p: subprocess.Popen, swee
     """Interrupt each cell's job as soon as its first checkpoint is written; the array job id."""
     deadline = time.monotonic() + 240
     job = array_job_id(sweep_dir, deadline)
-    pending = dict(INTERRUPTS)
+    pending = {str(i): cmd for i, (_, cmd, _) in enumerate(INTERRUPTS)}
     while pending and p.poll() is None and time.monotonic() < deadline:
-        for cell, (cmd, _) in list(pending.items()):
+        for cell, cmd in list(pending.items()):
             if (sweep_dir / cell / "checkpoints" / "last.ckpt").is_file():
                 cluster.check(*cmd, f"{job}_{cell}")
                 del pending[cell]
@@ -137,21 +137,29 @@ def interrupt_after_first_epoch(cluster: SlurmCluster, p: subprocess.Popen, swee
     return job
 
 
-def test_requeued_cells_resume_from_their_last_checkpoint_and_finish_once(cluster, tmp_path):
-    sweep_dir = tmp_path / "sweep"
-    p = start_sweep(cluster, sweep_dir, "strategy=finetune,linear_probe,partial", f"store_dir={tmp_path / 'store'}",
+@pytest.fixture(scope="module")
+def requeued(cluster, tmp_path_factory) -> tuple[Path, str]:
+    """One sweep of three cells, each interrupted after its first epoch: (sweep dir, array job id)."""
+    root = tmp_path_factory.mktemp("requeue")
+    sweep_dir = root / "sweep"
+    p = start_sweep(cluster, sweep_dir, "strategy=finetune,linear_probe,partial", f"store_dir={root / 'store'}",
                     f"target.epochs={EPOCHS}", f"target.data.n_train={N_TRAIN}")
     job = interrupt_after_first_epoch(cluster, p, sweep_dir)
     finish(p, cluster, sweep_dir)
+    return sweep_dir, job
 
-    res = results_under(sweep_dir)
-    assert sorted(res) == sorted(INTERRUPTS) and all(r["status"] == "ok" for r in res.values()), res
-    for cell, r in res.items():
-        t = r["target_training"]
-        assert t["epochs"] == EPOCHS, (cell, t)
-        assert isinstance(t["resumed_after_epoch"], int) and 0 <= t["resumed_after_epoch"] < EPOCHS - 1, (cell, t)
-        log = "".join(f.read_text() for f in sorted(sweep_dir.glob(f".submitit/{job}_{cell}/*_log.*")))
-        assert INTERRUPTS[cell][1].format(job=f"{job}_{cell}") in log, (cell, log)
-        assert log.count("Starting with JobEnvironment") == 2, (cell, log)  # ran twice ...
-        assert log.count(f"[{r['strategy']} seed=0] target") == 1, (cell, log)  # ... finished once
-        assert "Restarts=1" in cluster.check("scontrol", "show", "job", f"{job}_{cell}")
+
+@pytest.mark.parametrize("cell, evidence", [(str(i), e) for i, (_, _, e) in enumerate(INTERRUPTS)],
+                         ids=[name for name, _, _ in INTERRUPTS])
+def test_requeued_cell_resumes_from_its_last_checkpoint_and_finishes_once(cluster, requeued, cell, evidence):
+    sweep_dir, job = requeued
+    r = json.loads((sweep_dir / cell / "results.json").read_text())
+    assert r["status"] == "ok"
+    assert r["target_training"]["epochs"] == EPOCHS
+    resumed = r["target_training"]["resumed_after_epoch"]
+    assert isinstance(resumed, int) and 0 <= resumed < EPOCHS - 1, r["target_training"]
+    log = "".join(f.read_text() for f in sorted(sweep_dir.glob(f".submitit/{job}_{cell}/*_log.*")))
+    assert evidence.format(job=f"{job}_{cell}") in log, log
+    assert log.count("Starting with JobEnvironment") == 2, log  # ran twice ...
+    assert log.count(f"[{r['strategy']} seed=0] target") == 1, log  # ... finished once
+    assert "Restarts=1" in cluster.check("scontrol", "show", "job", f"{job}_{cell}")
