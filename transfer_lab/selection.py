@@ -57,9 +57,11 @@ class Selection:
         if not self.monitor.startswith("val/"):
             raise ConfigError(f"target.monitor={self.monitor!r}: selection uses a validation metric "
                               "(val/...), never a test one")
+        # judged at every validation: Lightning's default would save at the epoch's end whenever
+        # val_check_interval == 1 (it reads the int 1 as "once per epoch")
         self.checkpoint = (ModelCheckpoint(dirpath=str(ckpt_dir), filename="best", monitor=self.monitor,
                                            mode=self.mode, save_top_k=1, save_last=False,
-                                           enable_version_counter=False)
+                                           save_on_train_epoch_end=False, enable_version_counter=False)
                            if select == "best_val" else None)
         self.early_stopping = self._early_stopping(early_stopping)
 

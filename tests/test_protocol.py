@@ -1,0 +1,248 @@
+"""The comparison protocol's pieces: LR schedules, selection on validation, the convergence check.
+
+Local helpers (``Walker``, ``_trainer``, ``_fit_transfer``) live here, not in conftest.py.
+"""
+
+from __future__ import annotations
+
+import math
+from functools import partial
+
+import lightning as L
+import pytest
+import torch
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from conftest import CONF
+from transfer_lab.convergence import ConvergenceCheck, judge
+from transfer_lab.errors import ConfigError
+from transfer_lab.schedulers import configure_scheduler, constant, cosine, onecycle
+from transfer_lab.selection import Selection, default_monitor
+
+LR = 0.1
+
+
+def _curve(factory, total: int, steps: int | None = None) -> list[float]:
+    """The learning rate each optimizer step uses under ``factory``."""
+    opt = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=LR)
+    sched = factory(opt, total)["scheduler"]
+    lrs = []
+    for _ in range(steps or total):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    return lrs
+
+
+def test_cosine_warmup_endpoints_midpoint_and_end():
+    lrs = _curve(partial(cosine, warmup_fraction=0.1), 100)  # 10 warm-up steps, 90 of decay
+    assert lrs[0] == pytest.approx(LR / 10)
+    assert lrs[9] == pytest.approx(LR) and lrs[10] == pytest.approx(LR)
+    assert lrs[5] == pytest.approx(LR * 6 / 10)  # linear
+    assert lrs[10 + 45] == pytest.approx(LR / 2)  # half-way through the decay
+    assert lrs[-1] < LR * 0.001 and all(a >= b for a, b in zip(lrs[10:], lrs[11:]))
+
+
+def test_cosine_min_lr_ratio_and_no_warmup():
+    lrs = _curve(partial(cosine, warmup_fraction=0.0, min_lr_ratio=0.1), 50, steps=60)
+    assert lrs[0] == pytest.approx(LR)
+    assert lrs[-1] == pytest.approx(LR * 0.1)  # past the estimate: stays at the floor
+
+
+def test_onecycle_matches_torch_and_peaks_at_pct_start():
+    total = 100
+    lrs = _curve(partial(onecycle, pct_start=0.3), total)
+    opt = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=LR)
+    ref = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=LR, total_steps=total, pct_start=0.3,
+                                              cycle_momentum=False)
+    want = []
+    for _ in range(total):
+        want.append(opt.param_groups[0]["lr"])
+        opt.step()
+        ref.step()
+    assert lrs == pytest.approx(want, rel=1e-9)
+    assert max(lrs) == pytest.approx(LR) and lrs.index(max(lrs)) == 29
+    assert lrs[0] == pytest.approx(LR / 25) and lrs[-1] == pytest.approx(LR / 25 / 1e4, rel=1e-3)
+
+
+def test_constant_and_groups_added_mid_run_are_scheduled():
+    assert _curve(constant, 10) == [LR] * 10
+    opt = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=LR)
+    sched = cosine(opt, 20, warmup_fraction=0.0)["scheduler"]
+    for _ in range(10):
+        opt.step()
+        sched.step()
+    # as BaseFinetuning.unfreeze_and_add_param_group does (gradual_unfreeze): torch's own
+    # schedulers raise here (zip strict)
+    opt.add_param_group({"params": [nn.Parameter(torch.zeros(1))], "lr": 0.01})
+    opt.step()
+    sched.step()
+    ratio = opt.param_groups[0]["lr"] / LR
+    assert ratio < 0.5 and opt.param_groups[1]["lr"] == pytest.approx(0.01 * ratio)
+    assert "multiplier" not in sched.state_dict()  # weights_only-loadable checkpoints
+
+
+def test_schedule_argument_errors():
+    opt = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=LR)
+    with pytest.raises(ConfigError, match="warmup_fraction"):
+        cosine(opt, 10, warmup_fraction=1.5)
+    with pytest.raises(ConfigError, match="pct_start"):
+        onecycle(opt, 10, pct_start=0)
+
+    class Endless:
+        estimated_stepping_batches = math.inf
+
+    with pytest.raises(ConfigError, match="finite length"):
+        configure_scheduler(constant, opt, Endless())
+    assert configure_scheduler(None, opt, Endless()) == {"optimizer": opt}
+
+
+class Walker(L.LightningModule):
+    """One parameter ``w`` that SGD(lr=1) moves by +1 per step (loss = −w); the validation metric
+    ``val/acc = −(w − peak)²`` peaks at step ``peak``; tests log ``test/w``. Records its LRs."""
+
+    def __init__(self, peak: float = 5.0, schedule=None) -> None:
+        super().__init__()
+        self.w, self.peak, self.schedule, self.lrs = nn.Parameter(torch.zeros(())), peak, schedule, []
+
+    def training_step(self, batch, batch_idx):
+        self.lrs.append(self.trainer.optimizers[0].param_groups[0]["lr"])
+        return -self.w
+
+    def validation_step(self, batch, batch_idx):
+        self.log("val/acc", -(self.w.detach() - self.peak) ** 2)
+
+    def test_step(self, batch, batch_idx):
+        self.log("test/w", self.w.detach())
+
+    def configure_optimizers(self):
+        return configure_scheduler(self.schedule, torch.optim.SGD([self.w], lr=1.0), self.trainer)
+
+
+def _loader(n: int = 10) -> DataLoader:
+    return DataLoader(TensorDataset(torch.zeros(n, 1)), batch_size=1)
+
+
+def _trainer(tmp_path, callbacks=(), **kw) -> L.Trainer:
+    kw = {"max_steps": 10, "val_check_interval": 1, "num_sanity_val_steps": 0, **kw}
+    return L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
+                     default_root_dir=str(tmp_path), callbacks=list(callbacks), **kw)
+
+
+@pytest.mark.parametrize("length", [{"max_steps": 20}, {"max_steps": -1, "max_epochs": 2}])
+def test_cosine_in_a_real_trainer_spans_steps_or_epochs(tmp_path, length):
+    """Total steps come from the trainer: 20 as max_steps, or 2 epochs × 10 batches."""
+    module = Walker(schedule=partial(cosine, warmup_fraction=0.2))
+    _trainer(tmp_path, limit_val_batches=0, **length).fit(module, _loader(), _loader(1))
+    assert module.lrs[0] == pytest.approx(0.25) and module.lrs[3] == pytest.approx(1.0)  # 4 warm-up steps
+    assert module.lrs[4 + 8] == pytest.approx(0.5) and len(module.lrs) == 20
+
+
+@pytest.mark.parametrize("name", ["constant", "cosine", "onecycle"])
+def test_every_scheduler_yaml_instantiates_to_a_factory(name):
+    factory = instantiate(OmegaConf.load(CONF / "scheduler" / f"{name}.yaml"))
+    opt = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=LR)
+    out = configure_scheduler(factory, opt, type("T", (), {"estimated_stepping_batches": 10})())
+    assert out["lr_scheduler"]["interval"] == "step"
+
+
+def _select(tmp_path, select: str, early_stopping=None, max_steps: int = 10):
+    sel = Selection(select, "classification", tmp_path / "ckpt", early_stopping)
+    module, trainer = Walker(peak=5.0), _trainer(tmp_path, sel.callbacks(), max_steps=max_steps)
+    trainer.fit(module, _loader(), _loader(1))
+    path, record = sel.chosen(trainer)
+    tested = trainer.test(module, _loader(1), ckpt_path=path, verbose=False)[0]
+    return record, tested, trainer
+
+
+def test_best_val_tests_the_peak_checkpoint_and_records_its_step(tmp_path):
+    record, tested, _ = _select(tmp_path, "best_val")
+    assert record == {"select": "best_val", "monitor": "val/acc", "mode": "max", "step": 5, "value": 0.0}
+    assert tested["test/w"] == pytest.approx(5.0)  # the peak's weights, not the last (10)
+
+
+def test_last_tests_the_final_weights(tmp_path):
+    record, tested, _ = _select(tmp_path, "last")
+    assert record["step"] == 10 and record["value"] == pytest.approx(-25.0)
+    assert tested["test/w"] == pytest.approx(10.0)
+
+
+def test_early_stopping_ends_after_patience_validations(tmp_path):
+    record, tested, trainer = _select(tmp_path, "best_val", {"patience": 2, "min_delta": 0.0}, max_steps=50)
+    assert trainer.global_step == 7  # best at 5, two worse validations (6, 7), stop
+    assert record["step"] == 5 and tested["test/w"] == pytest.approx(5.0)
+
+
+def test_selection_config_errors(tmp_path):
+    with pytest.raises(ConfigError, match="target.select='best'"):
+        Selection("best", "classification", tmp_path)
+    with pytest.raises(ConfigError, match="never a test one"):
+        Selection("best_val", "classification", tmp_path, monitor="test/acc")
+    with pytest.raises(ConfigError, match="target.early_stopping.patiense"):
+        Selection("last", "classification", tmp_path, {"patiense": 3})
+    assert default_monitor("regression") == ("val/loss", "min")
+    assert Selection("best_val", "regression", tmp_path).checkpoint.mode == "min"
+
+
+def test_judge_on_curves():
+    flat = [(s, 0.9, 0.30) for s in (20, 40, 60, 80, 100)]
+    rising = [(s, s / 100, 1.0 / s) for s in (20, 40, 60, 80, 100)]
+    kw = {"monitor": "val/acc", "mode": "max", "val_tol": 0.01, "loss_rtol": 0.05, "loss_atol": 0.01,
+          "min_evals": 3}
+    assert judge(flat, 100, **kw)["converged"] is True
+    out = judge(rising, 100, **kw)
+    assert out["converged"] is False and out["val_metric_change_last_fifth"] == pytest.approx(0.2)
+    assert out["train_loss_change_last_fifth"] == pytest.approx(-0.2)
+    assert judge(flat[:2], 100, **kw)["converged"] is False  # too few validations
+    # a memorised training set: the loss halves, but by less than loss_atol
+    tiny_loss = [(s, 0.9, 0.004 / s) for s in (20, 40, 60, 80, 100)]
+    assert judge(tiny_loss, 100, **kw)["converged"] is True
+    # min mode: a falling validation loss is an improvement
+    assert judge([(s, 1 - s / 100, 0.3) for s in (20, 40, 60, 80, 100)], 100,
+                 **{**kw, "monitor": "val/loss", "mode": "min"})["converged"] is False
+
+
+@pytest.fixture
+def one_thread():
+    """The machine's cores are shared: torch's default thread pool makes these runs 20× slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _fit_transfer(tmp_path, steps: int, every: int = 10) -> dict:
+    """A real TransferModule (scratch, MLP) on synthetic data for ``steps`` optimizer steps,
+    validated every ``every`` steps (at the end when the run is shorter)."""
+    from transfer_lab.data import SyntheticData
+    from transfer_lab.models import mlp
+    from transfer_lab.module import TransferModule
+    from transfer_lab.strategies.scratch import Scratch
+
+    L.seed_everything(0, verbose=False)
+    dm = SyntheticData(num_classes=4, shape=(1, 8, 8), n_train=100, n_test=20, noise=0.5, batch_size=16,
+                       key="target.data")
+    dm.prepare()
+    model = mlp(in_channels=1, image_size=8, num_classes=4, hidden=[32])
+    module = TransferModule(model, Scratch(), partial(torch.optim.Adam, lr=1e-2), lr=1e-2, num_classes=4)
+    check = ConvergenceCheck(*default_monitor("classification"))
+    _trainer(tmp_path, [check], max_steps=steps, val_check_interval=min(every, steps),
+             check_val_every_n_epoch=None).fit(module, datamodule=dm)
+    return check.result
+
+
+@pytest.mark.parametrize(("every", "why"), [(1, "still"), (10, "too few")])
+def test_three_steps_is_not_converged(tmp_path, one_thread, every, why):
+    """Validated after each step the curve is judged (still improving); validated once, there is
+    no curve to judge."""
+    result = _fit_transfer(tmp_path, steps=3, every=every)
+    assert result["converged"] is False and result["steps"] == 3 and why in result["reason"]
+
+
+def test_training_to_a_plateau_is_converged(tmp_path, one_thread):
+    result = _fit_transfer(tmp_path, steps=120)
+    assert result["converged"] is True, result
+    assert result["n_evals"] == 12 and result["val_metric_change_last_fifth"] < 0.01
