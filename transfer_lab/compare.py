@@ -172,11 +172,16 @@ def tuned(plan: Plan, strategy: str) -> dict:
             "trials": sum(1 for _ in study.rglob("results.json"))}
 
 
+def shown(cmd: list[str]) -> str:
+    """A command as a user would type it (``python`` for the interpreter's path)."""
+    return " ".join(["python", *cmd[1:]])
+
+
 def run_command(cmd: list[str]) -> None:
-    print("+ " + " ".join(cmd[1:]), flush=True)
+    print(f"+ {shown(cmd)}", flush=True)
     done = subprocess.run(cmd)
     if done.returncode:
-        raise RuntimeError(f"exit code {done.returncode}: {' '.join(cmd[1:])}")
+        raise RuntimeError(f"exit code {done.returncode}: {shown(cmd)}")
 
 
 def compare(plan: Plan, runner: Runner = run_command) -> dict:
@@ -198,8 +203,8 @@ def compare(plan: Plan, runner: Runner = run_command) -> dict:
     if differ:
         raise ConfigError(f"strategies {sorted(differ)} optimise another objective than "
                           f"{result['protocol']['objective']}: one objective per comparison")
-    result["commands"] = {s: {"tune": " ".join(tune_command(plan, s, shared, key)[1:]),
-                              "eval": " ".join(eval_command(plan, s, shared, r["best_params"])[1:])}
+    result["commands"] = {s: {"tune": shown(tune_command(plan, s, shared, key)),
+                              "eval": shown(eval_command(plan, s, shared, r["best_params"]))}
                           for s, r in result["strategies"].items()}
     atomic_write_json(plan.dir / "comparison.json", result)
     for s, r in result["strategies"].items():
