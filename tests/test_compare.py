@@ -169,6 +169,13 @@ def test_an_unfinished_study_names_its_file(tmp_path, capsys):
     assert len(runner.calls) == 2  # both studies ran, nothing was evaluated
 
 
+def test_search_key_follows_the_defaults_list(tmp_path):
+    (tmp_path / "train.yaml").write_text("defaults:\n  - _self_\n  - strategy: finetune\n")
+    assert cmp.search_key(tmp_path) == "+hparams_search"  # not a default yet: append the group
+    (tmp_path / "train.yaml").write_text("defaults:\n  - _self_\n  - hparams_search: null\n")
+    assert cmp.search_key(tmp_path) == "hparams_search"
+
+
 def test_override_values():
     assert [cmp.override_value(v) for v in (0.001, 3, True, None, "relu", "a b")] == [
         "0.001", "3", "true", "null", "relu", "'a b'"]

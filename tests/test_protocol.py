@@ -68,7 +68,7 @@ def test_onecycle_matches_torch_and_peaks_at_pct_start():
     assert lrs[0] == pytest.approx(LR / 25) and lrs[-1] == pytest.approx(LR / 25 / 1e4, rel=1e-3)
 
 
-def test_constant_and_groups_added_mid_run_are_scheduled():
+def test_constant_and_groups_added_mid_run_are_scheduled(tmp_path):
     assert _curve(constant, 10) == [LR] * 10
     opt = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=LR)
     sched = cosine(opt, 20, warmup_fraction=0.0)["scheduler"]
@@ -82,7 +82,10 @@ def test_constant_and_groups_added_mid_run_are_scheduled():
     sched.step()
     ratio = opt.param_groups[0]["lr"] / LR
     assert ratio < 0.5 and opt.param_groups[1]["lr"] == pytest.approx(0.01 * ratio)
-    assert "multiplier" not in sched.state_dict()  # weights_only-loadable checkpoints
+    # a resumable checkpoint stays loadable with weights_only=True (run.last_checkpoint reads it so)
+    torch.save(sched.state_dict(), tmp_path / "sched.pt")
+    state = torch.load(tmp_path / "sched.pt", weights_only=True)
+    assert state["last_epoch"] == 11 and len(state["base_lrs"]) == 2
 
 
 def test_schedule_argument_errors():
@@ -246,3 +249,33 @@ def test_training_to_a_plateau_is_converged(tmp_path, one_thread):
     result = _fit_transfer(tmp_path, steps=120)
     assert result["converged"] is True, result
     assert result["n_evals"] == 12 and result["val_metric_change_last_fifth"] < 0.01
+
+
+def test_a_schedule_follows_the_groups_gradual_unfreeze_adds(tmp_path, one_thread):
+    """TransferModule wired as the run will wire it (configure_scheduler around its optimizer):
+    BaseFinetuning adds param groups mid-run; each joins the cosine schedule."""
+    from transfer_lab.data import SyntheticData
+    from transfer_lab.models import mlp
+    from transfer_lab.module import TransferModule
+    from transfer_lab.strategies.gradual_unfreeze import GradualUnfreeze
+
+    class Wired(TransferModule):
+        def configure_optimizers(self):
+            return configure_scheduler(partial(cosine, warmup_fraction=0.0, min_lr_ratio=0.1),
+                                       super().configure_optimizers(), self.trainer)
+
+    L.seed_everything(0, verbose=False)
+    dm = SyntheticData(num_classes=4, shape=(1, 8, 8), n_train=20, n_test=8, batch_size=16, key="target.data")
+    dm.prepare()
+    strategy = GradualUnfreeze(start=1, every=1)
+    net = partial(mlp, in_channels=1, image_size=8, num_classes=4, hidden=[16, 16])
+    module = Wired(strategy.build(net(), net()), strategy, partial(torch.optim.Adam, lr=1e-2), lr=1e-2,
+                   num_classes=4)
+    trainer = _trainer(tmp_path, strategy.callbacks(), max_steps=-1, max_epochs=4, limit_val_batches=0)
+    trainer.fit(module, datamodule=dm)
+    groups, sched = trainer.optimizers[0].param_groups, trainer.lr_scheduler_configs[0].scheduler
+    assert len(groups) == 3  # head + two unfrozen blocks
+    m = sched.multiplier(sched.last_epoch)
+    assert m == pytest.approx(0.1)  # the end of the cosine
+    assert [g["lr"] for g in groups] == pytest.approx([g["initial_lr"] * m for g in groups])
+    assert groups[1]["initial_lr"] == pytest.approx(1e-3)  # added at lr_ratio × lr

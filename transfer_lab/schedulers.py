@@ -49,8 +49,7 @@ class StepSchedule(LRScheduler):
 
 
 def _per_step(optimizer: torch.optim.Optimizer, multiplier: Callable[[int], float]) -> dict:
-    return {"scheduler": StepSchedule(optimizer, multiplier), "interval": "step", "frequency": 1,
-            "name": "lr"}
+    return {"scheduler": StepSchedule(optimizer, multiplier), "interval": "step", "frequency": 1}
 
 
 def constant(optimizer: torch.optim.Optimizer, total_steps: int) -> dict:
