@@ -90,21 +90,25 @@ class FakeRunner:
     """Stands in for the subprocesses: a tuning command leaves what Hydra's Optuna sweeper leaves
     (one results.json per trial, optimization_results.yaml)."""
 
-    def __init__(self, studies: bool = True) -> None:
+    def __init__(self, studies: bool = True, codes: dict[str, int] | None = None) -> None:
         self.calls: list[list[str]] = []
-        self.studies = studies
+        self.studies, self.codes = studies, codes or {}
 
-    def __call__(self, cmd: list[str]) -> None:
+    def __call__(self, cmd: list[str]) -> int:
         self.calls.append(cmd)
         args = dict(a.split("=", 1) for a in cmd if "=" in a)
-        if "hydra.sweeper.n_trials" not in args or not self.studies:
-            return
+        kind = "tune" if "hydra.sweeper.n_trials" in args else "eval" if "strategy" in args else "report"
+        code = self.codes.get(kind, 0)
+        if kind != "tune" or not self.studies:
+            return code
         study, s = Path(args["hydra.sweep.dir"]), args["strategy"]
-        for i in range(int(args["hydra.sweeper.n_trials"])):
+        for i in range(int(args["hydra.sweeper.n_trials"])):  # the last trial diverged
             (study / str(i)).mkdir(parents=True)
-            (study / str(i) / "results.json").write_text("{}")
+            status = "failed" if i == int(args["hydra.sweeper.n_trials"]) - 1 else "ok"
+            (study / str(i) / "results.json").write_text(json.dumps({"status": status}))
         (study / "optimization_results.yaml").write_text(
             yaml.safe_dump({"name": "optuna", "best_params": BEST[s], "best_value": 0.8}))
+        return code
 
 
 def _run(tmp_path, *extra: str, runner: FakeRunner | None = None):
@@ -134,7 +138,8 @@ def test_compare_tunes_then_retrains_the_best_with_the_eval_seeds(tmp_path):
         "trials": 3, "objective": "val/acc", "direction": "maximize", "tuning_seed": 0, "eval_seeds": [1, 2],
         "sampler": "TPESampler", "label_budget": 10, "val_per_class": 100}
     assert "steps" in proto
-    assert out["strategies"]["scratch"] == {"best_params": BEST["scratch"], "best_value": 0.8, "trials": 3}
+    assert out["strategies"]["scratch"] == {"best_params": BEST["scratch"], "best_value": 0.8, "trials": 3,
+                                            "failed_trials": 1}
 
 
 def test_validation_budget_tied_to_the_label_budget(tmp_path):
@@ -174,6 +179,14 @@ def test_search_key_follows_the_defaults_list(tmp_path):
     assert cmp.search_key(tmp_path) == "+hparams_search"  # not a default yet: append the group
     (tmp_path / "train.yaml").write_text("defaults:\n  - _self_\n  - hparams_search: null\n")
     assert cmp.search_key(tmp_path) == "hparams_search"
+
+
+def test_a_study_with_a_failed_trial_counts_a_failed_cell_does_not_stop_the_report(tmp_path, capsys):
+    # a tuning sweep with a diverged trial exits 1 but wrote its results: the comparison goes on;
+    # a failed evaluation cell is reported, then the command exits 1 naming it
+    code, runner = _run(tmp_path, runner=FakeRunner(codes={"tune": 1, "eval": 1}))
+    assert code == 1 and len(runner.calls) == 5 and "failed: scratch, linear_probe" in capsys.readouterr().err
+    assert (tmp_path / "comparison.json").is_file()
 
 
 def test_override_values():

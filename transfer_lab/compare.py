@@ -14,6 +14,7 @@ and each strategy's tuned hyperparameters. Other ``key=value`` arguments are pas
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from collections.abc import Callable, Sequence
@@ -29,7 +30,7 @@ from transfer_lab.errors import ConfigError
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 KEYS = ("experiment", "strategies", "trials", "tuning_seed", "eval_seeds", "dir", "n_jobs",
         "val_per_class", "report")
-Runner = Callable[[list[str]], None]
+Runner = Callable[[list[str]], int]  # runs a command, returns its exit code
 
 
 @dataclass
@@ -168,8 +169,16 @@ def tuned(plan: Plan, strategy: str) -> dict:
     res = yaml.safe_load(path.read_text()) or {}
     if "best_params" not in res or "best_value" not in res:
         raise ConfigError(f"{path}: no best_params/best_value (not a finished Optuna study)")
+    trials = [_status(p) for p in study.rglob("results.json")]
     return {"best_params": dict(res["best_params"]), "best_value": float(res["best_value"]),
-            "trials": sum(1 for _ in study.rglob("results.json"))}
+            "trials": len(trials), "failed_trials": sum(st != "ok" for st in trials)}
+
+
+def _status(path: Path) -> str | None:
+    try:
+        return json.loads(path.read_text()).get("status")
+    except (OSError, ValueError):
+        return None
 
 
 def shown(cmd: list[str]) -> str:
@@ -177,11 +186,9 @@ def shown(cmd: list[str]) -> str:
     return " ".join(["python", *cmd[1:]])
 
 
-def run_command(cmd: list[str]) -> None:
+def run_command(cmd: list[str]) -> int:
     print(f"+ {shown(cmd)}", flush=True)
-    done = subprocess.run(cmd)
-    if done.returncode:
-        raise RuntimeError(f"exit code {done.returncode}: {shown(cmd)}")
+    return subprocess.run(cmd).returncode
 
 
 def compare(plan: Plan, runner: Runner = run_command) -> dict:
@@ -196,7 +203,11 @@ def compare(plan: Plan, runner: Runner = run_command) -> dict:
             raise ConfigError("val_per_class=label: target.data.samples_per_class is not set (no label budget)")
     shared = common(plan, protocols[plan.strategies[0]]["label_budget"])
     for s in plan.strategies:
-        runner(tune_command(plan, s, shared, key))
+        # a sweep with a failed cell exits 1 (a diverged trial is a failed trial, not an error):
+        # the study counts when Hydra wrote its optimization_results.yaml (checked by ``tuned``)
+        code = runner(tune_command(plan, s, shared, key))
+        if code == 2:  # a bad command line
+            raise RuntimeError(f"the tuning of {s} was refused (exit code 2): {shown(tune_command(plan, s, shared, key))}")
     result = {"protocol": compose_protocol(plan, plan.strategies[0], key, shared),
               "strategies": {s: tuned(plan, s) for s in plan.strategies}}
     differ = {s for s, p in protocols.items() if p["objective"] != result["protocol"]["objective"]}
@@ -207,10 +218,12 @@ def compare(plan: Plan, runner: Runner = run_command) -> dict:
                               "eval": shown(eval_command(plan, s, shared, r["best_params"]))}
                           for s, r in result["strategies"].items()}
     atomic_write_json(plan.dir / "comparison.json", result)
-    for s, r in result["strategies"].items():
-        runner(eval_command(plan, s, shared, r["best_params"]))
-    if plan.report:
-        runner([sys.executable, "-m", "transfer_lab.report", str(plan.dir / "eval")])
+    failed = [s for s, r in result["strategies"].items()
+              if runner(eval_command(plan, s, shared, r["best_params"]))]
+    if plan.report and runner([sys.executable, "-m", "transfer_lab.report", str(plan.dir / "eval")]):
+        failed.append("report")
+    if failed:  # after the report: the cells that did finish are still reported
+        raise RuntimeError(f"failed: {', '.join(failed)} (see the output above; re-running resumes)")
     return result
 
 
@@ -221,7 +234,7 @@ def main(argv: Sequence[str] | None = None, runner: Runner = run_command) -> int
         print(f"error: {e}", file=sys.stderr)
         return 2
     except RuntimeError as e:
-        print(f"error: a run failed ({e})", file=sys.stderr)
+        print(f"error: {e}", file=sys.stderr)
         return 1
     return 0
 
