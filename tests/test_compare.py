@@ -126,9 +126,10 @@ def test_compare_tunes_then_retrains_the_best_with_the_eval_seeds(tmp_path):
     for cmd, s in ((tune_a, "scratch"), (tune_b, "linear_probe")):
         assert cmd[1:4] == ["-m", "transfer_lab.train", "-m"]
         assert {"experiment=quickstart", f"strategy={s}", f"{key}={s}", "hydra.sweeper.n_trials=3", "seed=0",
-                f"hydra.sweep.dir={tmp_path / 'tune' / s}", "target.epochs=5"} <= set(cmd)
+                f"hydra.sweep.dir={tmp_path / 'tune' / s}", "target.epochs=5",
+                "hydra.sweep.subdir=trial_${hydra.job.num}"} <= set(cmd)
     assert {"strategy=scratch", "target.optimizer.lr=0.0031", "seed=1,2", "target.epochs=5",
-            f"hydra.sweep.dir={tmp_path / 'eval' / 'scratch'}"} <= set(eval_a)
+            f"hydra.sweep.dir={tmp_path / 'eval' / 'scratch'}", "hydra.sweep.subdir=seed_${seed}"} <= set(eval_a)
     assert "target.optimizer.lr=0.02" in eval_b and not any("hparams_search" in a for a in eval_a)
     assert report[1:] == ["-m", "transfer_lab.report", str(tmp_path / "eval")]
     out = json.loads((tmp_path / "comparison.json").read_text())
@@ -201,7 +202,8 @@ def test_override_values():
 def test_compare_end_to_end_on_synthetic_data(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(ROOT), "TRANSFER_LAB_STORE": str(tmp_path / "store")}
     tiny = ["data@source.data=synthetic", "data@target.data=synthetic", "model@source.model=tiny_cnn",
-            "source.epochs=1", "target.steps=6", "trainer.accelerator=cpu", "logger=none"]
+            "source.epochs=1", "target.steps=6", "target.val_check_interval=3", "trainer.accelerator=cpu",
+            "logger=none"]
     cmd = [sys.executable, "-m", "transfer_lab.compare", "strategies=[scratch,linear_probe]", "trials=2",
            "tuning_seed=0", "eval_seeds=[1,2]", f"dir={tmp_path / 'cmp'}", *tiny]
     done = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=900)

@@ -115,14 +115,17 @@ def _launcher(plan: Plan) -> list[str]:
 def tune_command(plan: Plan, strategy: str, shared: list[str], key: str) -> list[str]:
     return [sys.executable, "-m", "transfer_lab.train", "-m", *shared, f"strategy={strategy}",
             f"{key}={strategy}", f"hydra.sweeper.n_trials={plan.trials}", f"hydra.sweeper.n_jobs={plan.n_jobs}",
-            *_launcher(plan), f"seed={plan.tuning_seed}", f"hydra.sweep.dir={plan.dir / 'tune' / strategy}"]
+            *_launcher(plan), f"seed={plan.tuning_seed}", f"hydra.sweep.dir={plan.dir / 'tune' / strategy}",
+            # short cell directories: the default (every override in the name) passes the 255-byte
+            # file-name limit with a few pass-through overrides; the seeded sampler keeps trial i's params
+            "hydra.sweep.subdir=trial_${hydra.job.num}"]
 
 
 def eval_command(plan: Plan, strategy: str, shared: list[str], best_params: dict) -> list[str]:
     return [sys.executable, "-m", "transfer_lab.train", "-m", *shared, f"strategy={strategy}",
             *(f"{k}={override_value(v)}" for k, v in best_params.items()), *_launcher(plan),
             f"seed={','.join(str(s) for s in plan.eval_seeds)}",
-            f"hydra.sweep.dir={plan.dir / 'eval' / strategy}"]
+            f"hydra.sweep.dir={plan.dir / 'eval' / strategy}", "hydra.sweep.subdir=seed_${seed}"]
 
 
 def override_value(v: Any) -> str:
