@@ -61,7 +61,8 @@ class Selection:
         # val_check_interval == 1 (it reads the int 1 as "once per epoch")
         self.checkpoint = (ModelCheckpoint(dirpath=str(ckpt_dir), filename="best", monitor=self.monitor,
                                            mode=self.mode, save_top_k=1, save_last=False,
-                                           save_on_train_epoch_end=False, enable_version_counter=False)
+                                           save_on_train_epoch_end=False, save_weights_only=True,
+                                           enable_version_counter=False)
                            if select == "best_val" else None)
         self.early_stopping = self._early_stopping(early_stopping)
 
