@@ -135,7 +135,8 @@ def override_value(v: Any) -> str:
     if isinstance(v, (int, float)):
         return repr(v)
     s = str(v)
-    return s if s.replace("_", "").replace(".", "").replace("-", "").isalnum() else "'" + s.replace("'", "\\'") + "'"
+    plain = s.replace("_", "").replace(".", "").replace("-", "").isalnum()
+    return s if plain else "'" + s.replace("'", "\\'") + "'"
 
 
 def compose_protocol(plan: Plan, strategy: str, key: str, shared: list[str]) -> dict:
@@ -208,9 +209,9 @@ def compare(plan: Plan, runner: Runner = run_command) -> dict:
     for s in plan.strategies:
         # a sweep with a failed cell exits 1 (a diverged trial is a failed trial, not an error):
         # the study counts when Hydra wrote its optimization_results.yaml (checked by ``tuned``)
-        code = runner(tune_command(plan, s, shared, key))
-        if code == 2:  # a bad command line
-            raise RuntimeError(f"the tuning of {s} was refused (exit code 2): {shown(tune_command(plan, s, shared, key))}")
+        cmd = tune_command(plan, s, shared, key)
+        if runner(cmd) == 2:  # a bad command line
+            raise RuntimeError(f"the tuning of {s} was refused (exit code 2): {shown(cmd)}")
     result = {"protocol": compose_protocol(plan, plan.strategies[0], key, shared),
               "strategies": {s: tuned(plan, s) for s in plan.strategies}}
     differ = {s for s, p in protocols.items() if p["objective"] != result["protocol"]["objective"]}
