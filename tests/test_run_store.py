@@ -112,7 +112,7 @@ def test_source_scheduler_is_part_of_the_store_key_and_anneals_the_source(tmp_pa
     unchanged, so entries stored without the option stay valid) whose LR ends at ~0; a bad value
     is one line before training."""
     from transfer_lab.module import TransferModule
-    from transfer_lab.run import source_spec
+    from transfer_lab.source_stage import source_spec
     from transfer_lab.store import store_key
 
     seen = []

@@ -1,0 +1,197 @@
+"""Builders: the leaves of a run (data module, model, TransferModule, Trainer, loggers) from config.
+
+Every leaf is instantiated by Hydra from its ``_target_``; this file only injects what the run
+knows (seed, input shape, number of classes, output directory) and turns a constructor's
+failure into one ``ConfigError`` line instead of Hydra's multi-line ``InstantiationException``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from hydra.errors import InstantiationException
+from hydra.utils import instantiate
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.utilities import rank_zero_only
+from omegaconf import DictConfig, OmegaConf
+
+from transfer_lab.data.datamodule import TransferDataModule
+from transfer_lab.errors import ConfigError
+from transfer_lab.models.classifier import Classifier
+from transfer_lab.module import TransferModule
+from transfer_lab.strategies.base import Strategy
+
+log = logging.getLogger("transfer_lab")
+
+
+def build(node: Any, where: str, /, **kwargs: Any) -> Any:
+    """``instantiate(node, **kwargs)``; a ConfigError raised inside a constructor comes out as
+    itself (Hydra wraps it), any other constructor failure as one line naming ``where``."""
+    try:
+        return instantiate(node, **kwargs)
+    except InstantiationException as e:
+        cause = e.__cause__
+        while cause is not None and not isinstance(cause, ConfigError):
+            cause = cause.__cause__
+        if cause is not None:
+            raise cause from None
+        inner = e.__cause__ or e
+        first = (str(inner).strip().splitlines() or [""])[0]
+        target = node.get("_target_") if isinstance(node, (dict, DictConfig)) else None
+        raise ConfigError(f"{where}: {target} cannot be built from this config "
+                          f"({type(inner).__name__}: {first})") from None
+
+
+def task_of(dm: TransferDataModule) -> str:
+    """``classification`` unless the data module declares another task (``TableData``: regression)."""
+    return getattr(dm, "task", "classification")
+
+
+def scheduler_of(cfg: DictConfig, stage: str) -> str:
+    """A stage's learning-rate schedule (``none`` when the key is unset or null)."""
+    return str(cfg[stage].get("scheduler") or "none")
+
+
+def make_datamodule(data_cfg: DictConfig, seed: int, key: str,
+                    default_shape: tuple[int, int, int] | None = None) -> TransferDataModule:
+    """Instantiate a data config; unset channels/size default to ``default_shape`` (the source's)."""
+    extra: dict[str, Any] = {"seed": int(seed), "key": key}
+    if default_shape is not None:
+        if data_cfg.get("channels") is None:
+            extra["channels"] = default_shape[0]
+        if data_cfg.get("image_size") is None:
+            extra["image_size"] = default_shape[-1]
+    dm = build(data_cfg, key, **extra)
+    if not isinstance(dm, TransferDataModule):
+        raise ConfigError(f"{key}._target_={data_cfg.get('_target_')}: not a TransferDataModule")
+    return dm
+
+
+def build_model(model_cfg: DictConfig, dm: TransferDataModule | None = None, *,
+                input_shape: tuple[int, ...] | None = None, num_classes: int | None = None,
+                key: str = "model") -> Classifier:
+    """A model for ``dm``'s input shape and classes (or the ones given)."""
+    c, _, s = input_shape or dm.input_shape
+    return build(model_cfg, key, in_channels=c, image_size=s, num_classes=num_classes or dm.num_classes)
+
+
+def rng_state() -> dict[str, Any]:
+    """The global RNG states a model build consumes (python, numpy, torch CPU)."""
+    import random
+
+    import numpy as np
+
+    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    """Put back a ``rng_state()`` snapshot: what follows draws as if nothing ran in between."""
+    import random
+
+    import numpy as np
+
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+
+
+def make_strategy(cfg: DictConfig) -> Strategy:
+    strategy = build(cfg.strategy, "strategy")
+    if not isinstance(strategy, Strategy):
+        raise ConfigError(f"strategy._target_={cfg.strategy._target_}: not a transfer_lab Strategy")
+    return strategy
+
+
+def make_module(cfg: DictConfig, stage: str, model: torch.nn.Module, strategy: Strategy,
+                dm: TransferDataModule, class_weights: torch.Tensor | None = None) -> TransferModule:
+    """The ``TransferModule`` of one stage: its optimizer, schedule and the data's task."""
+    opt = cfg[stage].optimizer
+    return TransferModule(model, strategy, instantiate(opt, _partial_=True), lr=float(opt.lr),
+                          num_classes=dm.num_classes, class_weights=class_weights,
+                          scheduler=scheduler_of(cfg, stage), task=task_of(dm),
+                          target_norm=getattr(dm, "target_norm", None))
+
+
+def make_trainer(cfg: DictConfig, stage: str, out_dir: Path, callbacks: list,
+                 devices: Any = None) -> L.Trainer:
+    """The shared ``trainer`` config plus the stage's own ``epochs`` and ``trainer`` overrides."""
+    kwargs = dict(OmegaConf.to_container(cfg.trainer, resolve=True))
+    if devices is not None:
+        kwargs["devices"] = devices
+    if stage == "source":  # one device, one process: see source_stage
+        d = kwargs.get("devices")
+        kwargs.update(devices=d if isinstance(d, list) and len(d) == 1 else 1, num_nodes=1,
+                      strategy="auto" if "ddp" in str(kwargs.get("strategy")) else kwargs.get("strategy"))
+    kwargs.update(OmegaConf.to_container(cfg[stage].trainer, resolve=True) or {})
+    if kwargs.get("enable_progress_bar") is None:
+        kwargs["enable_progress_bar"] = sys.stderr.isatty() and not os.environ.get("CI")
+    kwargs.setdefault("max_epochs", int(cfg[stage].epochs))
+    # callbacks from the trainer config (e.g. performance options) run beside the strategy's
+    configured = [build(c, "trainer.callbacks") for c in kwargs.pop("callbacks", None) or []]
+    if any(isinstance(c, ModelCheckpoint) for c in callbacks):
+        kwargs["enable_checkpointing"] = True
+    return build(kwargs, "trainer", logger=make_loggers(cfg.get("logger", "csv"), out_dir, stage),
+                 callbacks=[*configured, *callbacks], default_root_dir=str(out_dir))
+
+
+LOGGERS = ("csv", "tensorboard", "none")
+
+
+def make_loggers(spec: str | list | None, out_dir: Path, stage: str) -> list:
+    """``logger=csv`` (default), ``tensorboard``, ``csv,tensorboard`` or ``none``."""
+    from lightning.pytorch.loggers import CSVLogger
+
+    names = logger_names(spec)
+    loggers: list = []
+    if "csv" in names:
+        loggers.append(CSVLogger(str(out_dir), name=stage, version=""))
+    if "tensorboard" in names:
+        from lightning.pytorch.loggers import TensorBoardLogger
+
+        loggers.append(TensorBoardLogger(str(out_dir), name=f"tb_{stage}", version=""))
+    return loggers or False
+
+
+def logger_names(spec: str | list | None) -> list[str]:
+    items = spec.split(",") if isinstance(spec, str) else list(spec or [])
+    names = [str(n).strip() for n in items if str(n).strip()]
+    bad = [n for n in names if n not in LOGGERS]
+    if bad:
+        raise ConfigError(f"logger={spec}: unknown {bad[0]!r}; valid: {', '.join(LOGGERS)} (comma-separated)")
+    if "tensorboard" in names:
+        try:
+            import tensorboard  # noqa: F401 — Lightning's own check fails later and less clearly
+        except ImportError:
+            raise ConfigError("logger=tensorboard: the tensorboard package is not installed; "
+                              "pip install 'transfer_lab[tensorboard]'") from None
+    return names
+
+
+def resume_callbacks(cfg: DictConfig, ckpt_dir: Path) -> list:
+    """The last epoch's state, so a killed cell resumes rather than restarts (``resume=true``)."""
+    if not cfg.get("resume", True):
+        return []
+    return [ModelCheckpoint(dirpath=ckpt_dir, filename="last", save_top_k=1, monitor=None,
+                            enable_version_counter=False)]
+
+
+def last_checkpoint(ckpt_dir: Path) -> tuple[Path, int] | None:
+    """``(path, epoch)`` of a readable ``last.ckpt``; an unreadable one (killed mid-write) is dropped."""
+    path = ckpt_dir / "last.ckpt"
+    if not path.is_file():
+        return None
+    try:  # tensors + primitives: weights_only refuses anything that would run code on unpickling
+        epoch = int(torch.load(path, map_location="cpu", weights_only=True)["epoch"])
+    except Exception as e:  # noqa: BLE001 — any damage means: start this cell over
+        log.warning("ignoring unreadable checkpoint %s (%s): training from the start", path, e)
+        if rank_zero_only.rank == 0:
+            path.unlink(missing_ok=True)
+        return None
+    log.info("resuming %s from its checkpoint after epoch %d", ckpt_dir.parent, epoch)
+    return path, epoch
