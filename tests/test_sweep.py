@@ -48,7 +48,8 @@ def test_sweep_trains_each_source_once_resumes_and_reports(tmp_path, monkeypatch
     multirun(monkeypatch, *args)  # the same command again: every cell is done
     assert time.perf_counter() - t0 < 15
     assert {p: p.stat().st_mtime_ns for p in sweep.rglob("results.json")} == mtimes
-    assert capsys.readouterr().out.count("skipped (done)") == 6
+    out = capsys.readouterr().out
+    assert out.count("skipped (done)") == 6 and "sweep: 0 ok, 0 failed, 6 skipped" in out
 
     res = report(sweep, plot=False)
     t = res["table"]
@@ -156,3 +157,16 @@ def test_unknown_or_missing_logger_is_one_clear_error(tmp_path):
     except ImportError:
         with pytest.raises(ConfigError, match="tensorboard package is not installed"):
             run(compose_cfg("++logger=[csv,tensorboard]", store=tmp_path), tmp_path / "b")
+
+
+def test_a_bad_cell_is_recorded_and_the_sweep_goes_on(tmp_path, monkeypatch, capsys):
+    sweep = tmp_path / "sweep"
+    with pytest.raises(SystemExit) as e:
+        multirun(monkeypatch, "target.data.samples_per_class=5,1000,10", "target.epochs=1", "source.epochs=1",
+                 f"store_dir={tmp_path}/store", f"hydra.sweep.dir={sweep}", "hydra.sweep.subdir=${hydra.job.num}")
+    assert e.value.code == 1
+    cells = results_under(sweep)
+    assert {n: r["status"] for n, r in cells.items()} == {"0": "ok", "1": "failed", "2": "ok"}
+    assert cells["1"]["stage"] == "config" and "samples_per_class=1000" in cells["1"]["error"]
+    assert "\n" not in cells["1"]["error"]
+    assert "sweep: 2 ok, 1 failed, 0 skipped" in capsys.readouterr().out

@@ -82,3 +82,40 @@ def write_results(out_dir: str | Path, results: dict) -> None:
     from transfer_lab.io import atomic_write_json
 
     atomic_write_json(Path(out_dir) / "results.json", results)
+
+
+class RunFailed(RuntimeError):
+    """A run that started and failed; its ``results.json`` says ``status: failed`` and why."""
+
+
+def one_line(exc: BaseException) -> str:
+    """``Type: first line of the message`` — what the command prints and results.json keeps."""
+    text = (str(exc).strip().splitlines() or [""])[0]
+    if type(exc).__name__ == "ConfigError":  # its message already names the key and the fix
+        return text
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def log_traceback(exc: BaseException, where: str) -> None:
+    """The full traceback to the run's log file (Hydra's ``train.log``) only, not the console."""
+    import logging
+
+    files = [h for h in logging.getLogger().handlers if isinstance(h, logging.FileHandler)]
+    trace = logging.getLogger("transfer_lab.trace")
+    trace.propagate, trace.handlers = False, files
+    if files:
+        trace.error("%s failed", where, exc_info=(type(exc), exc, exc.__traceback__))
+
+
+def record_failure(out_dir: str | Path, results: dict, stage: str, exc: BaseException) -> str:
+    """Write ``results.json`` with ``status: failed``, the ``stage`` and a one-line ``error``;
+    returns that line. A store or output directory that cannot be written is reported, not raised."""
+    line = one_line(exc)
+    results.update(status="failed", stage=stage, error=line)
+    results.pop("metrics", None)  # no numbers from a broken run reach a table
+    log_traceback(exc, f"{stage} stage")
+    try:
+        write_results(out_dir, results)
+    except OSError as e:
+        line += f" (and results.json could not be written: {one_line(e)})"
+    return line

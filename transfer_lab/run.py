@@ -15,6 +15,8 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+import torch
+from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
 from transfer_lab.builders import (build_model, last_checkpoint, logger_names, make_datamodule,
@@ -23,7 +25,8 @@ from transfer_lab.builders import (build_model, last_checkpoint, logger_names, m
 from transfer_lab.data.datamodule import TransferDataModule
 from transfer_lab.errors import ConfigError
 from transfer_lab.models.classifier import Classifier
-from transfer_lab.results import config_hash, environment, save_weights, write_results
+from transfer_lab.results import (RunFailed, config_hash, environment, one_line, record_failure,
+                                  save_weights, write_results)
 from transfer_lab.source_stage import source_stage, transferability_scores
 from transfer_lab.strategies.base import Strategy
 from transfer_lab.validate import preflight_build, validate_config
@@ -94,64 +97,85 @@ def prepare(cfg: DictConfig) -> Prepared:
 
 
 def run(cfg: DictConfig, out_dir: str | Path, choices: dict[str, Any] | None = None,
-        devices: Any = None) -> dict:
+        devices: Any = None, job_threads: int | None = None) -> dict:
     """Run one source → target transfer and write ``<out_dir>/results.json``. Returns the results.
 
+    Any failure is a record: ``results.json`` with ``status: failed``, the ``stage`` (config,
+    source, target, save) and a one-line ``error`` (the traceback goes to the log file). A bad
+    config raises ``ConfigError``; any other failure ``RunFailed`` with that line.
     ``devices`` (e.g. ``[1]`` from a parallel sweep's placement) replaces ``trainer.devices``
-    without entering the config, so it does not change the config hash that resuming compares.
+    without entering the config, so it does not change the config hash that resuming compares;
+    ``job_threads``: the CPU threads a parallel launcher gave this job (recorded in ``env``).
     """
-    out_dir = Path(out_dir)
-    choices = dict(choices or {})
-    started = time.perf_counter()
-    p = prepare(cfg)
-    strategy, source_dm, target_dm = p.strategy, p.source_dm, p.target_dm
-    results: dict[str, Any] = {
-        "status": "running", "strategy": choices.get("strategy") or strategy.name,
-        "seed": int(cfg.seed), "choices": choices, "config_hash": config_hash(cfg),
-        "config": OmegaConf.to_container(cfg, resolve=True), "env": environment()}
+    out_dir, started = Path(out_dir), time.perf_counter()
+    results = start_record(cfg, dict(choices or {}), job_threads)
+    stage = "config"
+    try:
+        p = prepare(cfg)
+        results["strategy"] = results["strategy"] or p.strategy.name
+        stage = "source"
+        t0 = time.perf_counter()
+        source, results["source"] = source_stage(cfg, p.strategy, p.source_dm, devices, model=p.source_model)
+        if source is not None and cfg.get("transferability", True):
+            results["transferability"] = transferability_scores(source, p.target_dm)
+        source_s = time.perf_counter() - t0
+        stage = "target"
+        t0 = time.perf_counter()
+        model, is_zero = target_stage(cfg, p, source, out_dir, devices, results)
+        results["timings"] = {"source_s": round(source_s, 3), "target_s": round(time.perf_counter() - t0, 3),
+                              "total_s": round(time.perf_counter() - started, 3)}
+        stage, results["status"] = "save", "ok"
+        if is_zero:
+            results["weights"] = save_weights(model, out_dir, cfg.target.save_weights,
+                                              results["source"].get("key"))
+            write_results(out_dir, results)
+            shutil.rmtree(out_dir / "checkpoints", ignore_errors=True)  # weights saved: resume state not needed
+        return results
+    except Exception as e:  # noqa: BLE001 — every failure becomes a record and one line
+        line = one_line(e) if rank_zero_only.rank != 0 else record_failure(out_dir, results, stage, e)
+        last_checkpoint(out_dir / "checkpoints")  # drops a checkpoint the failure left half-written
+        if isinstance(e, ConfigError):
+            raise
+        raise RunFailed(f"{stage} stage failed: {line}") from e
 
-    t0 = time.perf_counter()
-    source, results["source"] = source_stage(cfg, strategy, source_dm, devices, model=p.source_model)
-    source_s = time.perf_counter() - t0
 
-    if source is not None and cfg.get("transferability", True):
-        results["transferability"] = transferability_scores(source, target_dm)
+def start_record(cfg: DictConfig, choices: dict[str, Any], job_threads: int | None = None) -> dict[str, Any]:
+    """The results.json fields known before anything runs (readable even for a broken config)."""
+    try:
+        config, digest = OmegaConf.to_container(cfg, resolve=True), config_hash(cfg)
+    except Exception:  # noqa: BLE001 — an unresolvable config is recorded as written
+        config, digest = OmegaConf.to_container(cfg, resolve=False), None
+    seed = cfg.get("seed")
+    return {"status": "running", "strategy": choices.get("strategy"),
+            "seed": seed if isinstance(seed, int) else None, "choices": choices,
+            "config_hash": digest, "config": config, "env": environment(job_threads)}
+
+
+def target_stage(cfg: DictConfig, p: Prepared, source: Classifier | None, out_dir: Path,
+                 devices: Any, results: dict) -> tuple[torch.nn.Module, bool]:
+    """Build the target from the source, train and test it; fills ``results``. Returns the model
+    and whether this process is global rank 0 (the one that writes)."""
+    strategy, target_dm = p.strategy, p.target_dm
     set_rng_state(p.target_rng)  # the strategy's new layers draw as if built right after the target
     model = strategy.build(source, p.target_model)
     module = make_module(cfg, "target", model, strategy, target_dm, class_weights=target_dm.class_weights)
     results["data"] = {"target": {**target_dm.summary(),
                                   "samples_per_class": cfg.target.data.get("samples_per_class")}}
-    results["params"] = {"total": sum(p.numel() for p in model.parameters()),
-                         "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad)}
-    t0 = time.perf_counter()
+    results["params"] = {"total": sum(q.numel() for q in model.parameters()),
+                         "trainable": sum(q.numel() for q in model.parameters() if q.requires_grad)}
     ckpt_dir = out_dir / "checkpoints"
     trainer = make_trainer(cfg, "target", out_dir, [*strategy.callbacks(), *resume_callbacks(cfg, ckpt_dir)],
                            devices)
     resume_from = last_checkpoint(ckpt_dir) if cfg.get("resume", True) else None
-    try:
-        trainer.fit(module, datamodule=strategy.datamodule(target_dm, source_dm),
-                    ckpt_path=str(resume_from[0]) if resume_from else None)
-        # the last epoch's train/val figures: trainer.test resets callback_metrics
-        fitted = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith(("val/", "train/"))}
-        tested = trainer.test(module, datamodule=target_dm, verbose=False)[0]
-    except Exception as e:
-        results.update(status="failed", error=f"{type(e).__name__}: {e}")
-        if trainer.is_global_zero:
-            write_results(out_dir, results)
-        raise
+    trainer.fit(module, datamodule=strategy.datamodule(target_dm, p.source_dm),
+                ckpt_path=str(resume_from[0]) if resume_from else None)
+    # the last epoch's train/val figures: trainer.test resets callback_metrics
+    fitted = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith(("val/", "train/"))}
+    tested = trainer.test(module, datamodule=target_dm, verbose=False)[0]
     results["metrics"] = {**fitted, **{k: float(v) for k, v in tested.items()}}
     if module.test_per_class is not None:
         results["per_class"] = {"test/acc": module.test_per_class}
     results["strategy_report"] = strategy.report()
     results["target_training"] = {"epochs": int(trainer.current_epoch), "world_size": trainer.world_size,
                                   "resumed_after_epoch": resume_from[1] if resume_from else None}
-    if trainer.is_global_zero:
-        results["weights"] = save_weights(model, out_dir, cfg.target.save_weights,
-                                          results["source"].get("key"))
-    results["timings"] = {"source_s": round(source_s, 3), "target_s": round(time.perf_counter() - t0, 3),
-                          "total_s": round(time.perf_counter() - started, 3)}
-    results["status"] = "ok"
-    if trainer.is_global_zero:
-        write_results(out_dir, results)
-        shutil.rmtree(ckpt_dir, ignore_errors=True)  # the weights are saved; the resume state is not needed
-    return results
+    return model, trainer.is_global_zero

@@ -21,6 +21,7 @@ import transfer_lab
 from transfer_lab.builders import build_model, make_module, make_trainer, scheduler_of, task_of
 from transfer_lab.data.datamodule import TransferDataModule
 from transfer_lab.models.classifier import Classifier
+from transfer_lab.module import NonFiniteLossError
 from transfer_lab.store import SourceStore, load_state_dict, store_key
 from transfer_lab.strategies.base import Strategy
 from transfer_lab.strategies.scratch import Scratch
@@ -75,7 +76,12 @@ def source_stage(cfg: DictConfig, strategy: Strategy, dm: TransferDataModule | N
         fresh = build_model(cfg.source.model, dm, key="source.model")
         module = make_module(cfg, "source", fresh, Scratch(), dm)
         trainer = make_trainer(cfg, "source", Path(cfg.store_dir) / ".logs" / key, [], devices)
-        trainer.fit(module, datamodule=dm)
+        try:
+            trainer.fit(module, datamodule=dm)
+        except NonFiniteLossError as e:  # the module names its (internal) strategy: name the stage
+            where = str(e).split(" with strategy=")[0]
+            raise NonFiniteLossError(f"{where} while training the source ({cfg.source.model._target_}, "
+                                     f"source.optimizer.lr={cfg.source.optimizer.lr})") from None
         tested = trainer.test(module, datamodule=dm, verbose=False)[0]
         return fresh.state_dict(), {**spec, "key": key}, {k: float(v) for k, v in tested.items()}
 

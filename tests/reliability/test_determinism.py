@@ -28,6 +28,8 @@ def test_same_config_and_seed_give_identical_results(tmp_path):
     assert a["source"]["key"] == b["source"]["key"]
     assert a["source"]["test/acc"] == b["source"]["test/acc"]
     assert a["metrics"] == b["metrics"]
+    # bit-equal results need the same CPU thread count: every result records it
+    assert a["env"]["threads"] == torch.get_num_threads() and a["env"]["job_threads"] is None
     assert sha256_file(tmp_path / "a" / "target.safetensors") == sha256_file(tmp_path / "b" / "target.safetensors")
     assert (sha256_file(tmp_path / "store_a" / a["source"]["key"] / "model.safetensors")
             == sha256_file(tmp_path / "store_b" / b["source"]["key"] / "model.safetensors"))
