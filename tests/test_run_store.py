@@ -136,3 +136,39 @@ def test_source_scheduler_is_part_of_the_store_key_and_anneals_the_source(tmp_pa
     assert "scheduler" not in spec and store_key(spec) == store_key(source_spec(cfg, dm))
     with pytest.raises(ConfigError, match="source.scheduler='step': valid: none, cosine"):
         run(compose_cfg("source.scheduler=step", store=tmp_path / "s"), tmp_path / "c")
+
+
+def test_steps_replace_epochs_and_validation_runs_every_n_steps(tmp_path):
+    import csv
+
+    cfg = compose_cfg("strategy=finetune", "source.epochs=1", "target.epochs=1", "target.steps=7",
+                      "target.val_check_interval=3", "target.data.batch_size=16", store=tmp_path / "store")
+    res = run(cfg, tmp_path / "out")
+    assert res["target_training"]["steps"] == 7 and res["target_training"]["epochs"] >= 1  # past epochs=1
+    with open(tmp_path / "out" / "target" / "metrics.csv") as f:
+        val_steps = sorted({int(r["step"]) for r in csv.DictReader(f) if r.get("val/acc")})
+    assert val_steps == [2, 5]  # after optimizer steps 3 and 6 (Lightning logs the 0-based step)
+
+
+def test_source_steps_enter_the_store_key_only_when_set(tmp_path):
+    from transfer_lab.data import SyntheticData
+    from transfer_lab.source_stage import source_spec
+    from transfer_lab.store import store_key
+
+    dm = SyntheticData(num_classes=4, shape=(1, 16, 16)).prepare()
+    plain = source_spec(compose_cfg(), dm)
+    assert "steps" not in plain  # keys of entries trained by epochs stay what they were
+    stepped = source_spec(compose_cfg("source.steps=50"), dm)
+    assert stepped["steps"] == 50 and store_key(stepped) != store_key(plain)
+
+
+@pytest.mark.parametrize("override, culprit", [
+    ("target.steps=-1", "target.steps=-1"), ("source.steps=2.5", "source.steps=2.5"),
+    ("target.val_check_interval=0", "target.val_check_interval=0"),
+    ("target.scheduler=cosine target.steps=10", "target.scheduler=cosine"),
+])
+def test_bad_step_settings_are_one_line_before_training(tmp_path, override, culprit):
+    cfg = compose_cfg(*override.split(), store=tmp_path / "store")
+    with pytest.raises(ConfigError, match=culprit.replace(".", r"\.")):
+        run(cfg, tmp_path / "out")
+    assert not (tmp_path / "store").exists()

@@ -170,3 +170,13 @@ def test_a_bad_cell_is_recorded_and_the_sweep_goes_on(tmp_path, monkeypatch, cap
     assert cells["1"]["stage"] == "config" and "samples_per_class=1000" in cells["1"]["error"]
     assert "\n" not in cells["1"]["error"]
     assert "sweep: 2 ok, 1 failed, 0 skipped" in capsys.readouterr().out
+
+
+def test_a_sweeper_optimises_the_named_validation_metric_not_the_test_headline():
+    from transfer_lab.train import objective
+
+    res = {"metrics": {"val/acc": 0.6, "test/acc": 0.9, "val/loss": 1.2}}
+    assert objective(compose_cfg(), res) == 0.9  # optimized_metric unset: the headline
+    assert objective(compose_cfg("optimized_metric=val/acc"), res) == 0.6
+    with pytest.raises(ConfigError, match="optimized_metric=val/r2"):
+        objective(compose_cfg("optimized_metric=val/r2"), res)

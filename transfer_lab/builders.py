@@ -131,13 +131,25 @@ def make_trainer(cfg: DictConfig, stage: str, out_dir: Path, callbacks: list,
     kwargs.update(OmegaConf.to_container(cfg[stage].trainer, resolve=True) or {})
     if kwargs.get("enable_progress_bar") is None:
         kwargs["enable_progress_bar"] = sys.stderr.isatty() and not os.environ.get("CI")
-    kwargs.setdefault("max_epochs", int(cfg[stage].epochs))
+    kwargs.update({k: v for k, v in length_of(cfg, stage).items() if k not in kwargs})
     # callbacks from the trainer config (e.g. performance options) run beside the strategy's
     configured = [build(c, "trainer.callbacks") for c in kwargs.pop("callbacks", None) or []]
     if any(isinstance(c, ModelCheckpoint) for c in callbacks):
         kwargs["enable_checkpointing"] = True
     return build(kwargs, "trainer", logger=make_loggers(cfg.get("logger", "csv"), out_dir, stage),
                  callbacks=[*configured, *callbacks], default_root_dir=str(out_dir))
+
+
+def length_of(cfg: DictConfig, stage: str) -> dict[str, Any]:
+    """Trainer arguments for a stage's length: ``steps`` (total optimizer steps, when set)
+    replaces ``epochs``; ``val_check_interval`` validates every N steps instead of every epoch."""
+    steps = cfg[stage].get("steps")
+    out: dict[str, Any] = ({"max_steps": int(steps), "max_epochs": -1} if steps is not None
+                           else {"max_epochs": int(cfg[stage].epochs)})
+    every = cfg[stage].get("val_check_interval")
+    if every is not None:  # Lightning counts an int across epochs only without an epoch cadence
+        out.update(val_check_interval=every, check_val_every_n_epoch=None)
+    return out
 
 
 LOGGERS = ("csv", "tensorboard", "none")

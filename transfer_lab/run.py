@@ -75,6 +75,7 @@ def prepare(cfg: DictConfig) -> Prepared:
     if cfg.target.save_weights not in SAVE_MODES:
         raise ConfigError(f"target.save_weights={cfg.target.save_weights!r}: valid: {', '.join(SAVE_MODES)}")
     logger_names(cfg.get("logger", "csv"))
+    check_lengths(cfg)
     strategy = make_strategy(cfg)
     source_dm = None
     if strategy.needs_source:
@@ -94,6 +95,24 @@ def prepare(cfg: DictConfig) -> Prepared:
     target_rng = rng_state()
     preflight_build(strategy, source, target)  # on copies: the models stay untouched
     return Prepared(strategy, source_dm, target_dm, tgt_model_cfg, source, target, target_rng)
+
+
+def check_lengths(cfg: DictConfig) -> None:
+    """``steps`` a whole number ≥ 0 or null; ``val_check_interval`` steps ≥ 1 (or a fraction of
+    an epoch in (0, 1]); a cosine schedule counts epochs, so it cannot run on a step budget."""
+    for stage in ("source", "target"):
+        steps, every = cfg[stage].get("steps"), cfg[stage].get("val_check_interval")
+        if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 0):
+            raise ConfigError(f"{stage}.steps={steps!r}: expected a whole number of optimizer steps ≥ 0, "
+                              f"or null to train for {stage}.epochs")
+        if every is not None and (isinstance(every, bool) or not isinstance(every, (int, float))
+                                  or (isinstance(every, int) and every < 1)
+                                  or (isinstance(every, float) and not 0 < every <= 1)):
+            raise ConfigError(f"{stage}.val_check_interval={every!r}: expected steps ≥ 1 or a fraction "
+                              "of an epoch in (0, 1]")
+        if steps is not None and scheduler_of(cfg, stage) == "cosine":
+            raise ConfigError(f"{stage}.scheduler=cosine anneals over {stage}.epochs; with {stage}.steps "
+                              f"set use {stage}.scheduler=none (or train by epochs: {stage}.steps=null)")
 
 
 def run(cfg: DictConfig, out_dir: str | Path, choices: dict[str, Any] | None = None,
@@ -176,6 +195,7 @@ def target_stage(cfg: DictConfig, p: Prepared, source: Classifier | None, out_di
     if module.test_per_class is not None:
         results["per_class"] = {"test/acc": module.test_per_class}
     results["strategy_report"] = strategy.report()
-    results["target_training"] = {"epochs": int(trainer.current_epoch), "world_size": trainer.world_size,
+    results["target_training"] = {"epochs": int(trainer.current_epoch), "steps": int(trainer.global_step),
+                                  "world_size": trainer.world_size,
                                   "resumed_after_epoch": resume_from[1] if resume_from else None}
     return model, trainer.is_global_zero
