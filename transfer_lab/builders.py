@@ -132,11 +132,11 @@ def make_trainer(cfg: DictConfig, stage: str, out_dir: Path, callbacks: list,
     if kwargs.get("enable_progress_bar") is None:
         kwargs["enable_progress_bar"] = sys.stderr.isatty() and not os.environ.get("CI")
     kwargs.update({k: v for k, v in length_of(cfg, stage).items() if k not in kwargs})
-    # callbacks from the trainer config (e.g. performance options) run beside the strategy's
-    configured = [build(c, "trainer.callbacks") for c in kwargs.pop("callbacks", None) or []]
+    # the callbacks group (e.g. performance options) runs beside the strategy's own
+    configured = make_callbacks(cfg) + [build(c, "trainer.callbacks") for c in kwargs.pop("callbacks", None) or []]
     if any(isinstance(c, ModelCheckpoint) for c in callbacks):
         kwargs["enable_checkpointing"] = True
-    return build(kwargs, "trainer", logger=make_loggers(cfg.get("logger", "csv"), out_dir, stage),
+    return build(kwargs, "trainer", logger=make_loggers(cfg, out_dir, stage),
                  callbacks=[*configured, *callbacks], default_root_dir=str(out_dir))
 
 
@@ -152,37 +152,23 @@ def length_of(cfg: DictConfig, stage: str) -> dict[str, Any]:
     return out
 
 
-LOGGERS = ("csv", "tensorboard", "none")
-
-
-def make_loggers(spec: str | list | None, out_dir: Path, stage: str) -> list:
-    """``logger=csv`` (default), ``tensorboard``, ``csv,tensorboard`` or ``none``."""
-    from lightning.pytorch.loggers import CSVLogger
-
-    names = logger_names(spec)
-    loggers: list = []
-    if "csv" in names:
-        loggers.append(CSVLogger(str(out_dir), name=stage, version=""))
-    if "tensorboard" in names:
-        from lightning.pytorch.loggers import TensorBoardLogger
-
-        loggers.append(TensorBoardLogger(str(out_dir), name=f"tb_{stage}", version=""))
+def make_loggers(cfg: DictConfig, out_dir: Path, stage: str) -> list | bool:
+    """The ``logger`` group's loggers (``conf/logger/``), each writing under ``<out_dir>/<stage>``."""
+    node = cfg.get("logger")
+    if node is None:
+        return False
+    if not isinstance(node, DictConfig) or any(not isinstance(v, DictConfig) for v in node.values()):
+        raise ConfigError(f"logger={OmegaConf.to_container(node) if isinstance(node, DictConfig) else node}: "
+                          "choose options of conf/logger/ (csv, tensorboard, none; several: "
+                          "logger=[csv,tensorboard])")
+    loggers = [build(v, f"logger.{k}", save_dir=str(out_dir), name=stage) for k, v in node.items()]
     return loggers or False
 
 
-def logger_names(spec: str | list | None) -> list[str]:
-    items = spec.split(",") if isinstance(spec, str) else list(spec or [])
-    names = [str(n).strip() for n in items if str(n).strip()]
-    bad = [n for n in names if n not in LOGGERS]
-    if bad:
-        raise ConfigError(f"logger={spec}: unknown {bad[0]!r}; valid: {', '.join(LOGGERS)} (comma-separated)")
-    if "tensorboard" in names:
-        try:
-            import tensorboard  # noqa: F401 — Lightning's own check fails later and less clearly
-        except ImportError:
-            raise ConfigError("logger=tensorboard: the tensorboard package is not installed; "
-                              "pip install 'transfer_lab[tensorboard]'") from None
-    return names
+def make_callbacks(cfg: DictConfig) -> list:
+    """The ``callbacks`` group's Lightning callbacks (``conf/callbacks/``), for every stage."""
+    node = cfg.get("callbacks") or {}
+    return [build(v, f"callbacks.{k}") for k, v in node.items() if v is not None]
 
 
 def resume_callbacks(cfg: DictConfig, ckpt_dir: Path) -> list:

@@ -19,7 +19,8 @@ import torch
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
-from transfer_lab.builders import (build_model, last_checkpoint, logger_names, make_datamodule,
+from transfer_lab.builders import (build_model, last_checkpoint, make_callbacks, make_datamodule,
+                                   make_loggers,
                                    make_module, make_strategy, make_trainer, resume_callbacks,
                                    rng_state, scheduler_of, set_rng_state, task_of)
 from transfer_lab.data.datamodule import TransferDataModule
@@ -32,7 +33,6 @@ from transfer_lab.strategies.base import Strategy
 from transfer_lab.validate import preflight_build, validate_config
 
 log = logging.getLogger("transfer_lab")
-SAVE_MODES = ("auto", "trainable", "full", "none")
 SCHEDULERS = ("none", "cosine")
 # Lightning's per-Trainer banners ("GPU available", tips) drown a sweep's one-line summaries
 for _name in ("lightning.pytorch.utilities.rank_zero", "lightning.pytorch.accelerators.cuda",
@@ -72,9 +72,9 @@ def prepare(cfg: DictConfig) -> Prepared:
     for stage in ("source", "target"):
         if scheduler_of(cfg, stage) not in SCHEDULERS:
             raise ConfigError(f"{stage}.scheduler={cfg[stage].get('scheduler')!r}: valid: {', '.join(SCHEDULERS)}")
-    if cfg.target.save_weights not in SAVE_MODES:
-        raise ConfigError(f"target.save_weights={cfg.target.save_weights!r}: valid: {', '.join(SAVE_MODES)}")
-    logger_names(cfg.get("logger", "csv"))
+    # constructing loggers and callbacks writes nothing: a bad option or missing package shows now
+    make_loggers(cfg, Path("."), "preflight")
+    make_callbacks(cfg)
     check_lengths(cfg)
     strategy = make_strategy(cfg)
     source_dm = None

@@ -120,7 +120,7 @@ def check_choices(args: list[str], conf_dir: str | Path = CONF_DIR) -> None:
         if group.startswith("hydra/") or not (conf / group).is_dir() or any(c in value for c in "()[]{}$*"):
             continue
         valid = sorted(p.relative_to(conf / group).with_suffix("").as_posix()
-                       for p in (conf / group).rglob("*.yaml"))
+                       for p in (conf / group).rglob("*.yaml") if not p.name.startswith("_"))
         for option in (v.strip().strip("'\"") for v in value.split(",")):
             if option not in ("null", "") and option not in valid:
                 raise ConfigError(f"{key}={option}: unknown option (Could not find '{group}/{option}'); "
@@ -148,6 +148,8 @@ def check_overrides(args: list[str], conf_dir: str | Path = CONF_DIR) -> None:
             compose("train", overrides=overrides)
     except Exception as e:  # noqa: BLE001 — Hydra/OmegaConf errors of any kind become one line
         lines = [ln.strip() for ln in str(e).splitlines() if ln.strip() and "HYDRA_FULL_ERROR" not in ln]
+        if e.__cause__ is not None and str(e.__cause__).strip():  # the schema's reason (type, choices)
+            lines.append("(" + str(e.__cause__).strip().splitlines()[0] + ")")
         raise ConfigError(_culprit(overrides, str(e)) + (" ".join(lines) or type(e).__name__)) from None
     finally:
         GlobalHydra.instance().clear()
