@@ -171,3 +171,21 @@ def test_bad_step_settings_are_one_line_before_training(tmp_path, override, culp
     with pytest.raises(ConfigError, match=culprit.replace(".", r"\.")):
         run(cfg, tmp_path / "out")
     assert not (tmp_path / "store").exists()
+
+
+def test_a_waiting_rank_stops_with_one_line_when_rank_0_failed_or_never_delivers(tmp_path, monkeypatch):
+    import time
+
+    from lightning.pytorch.utilities import rank_zero_only
+
+    from transfer_lab.source_stage import SourceWaitTimeout, mark_failed, wait_for_entry
+
+    store, key = SourceStore(tmp_path / "store"), "0123456789abcdef0123"
+    t0 = time.monotonic()
+    with pytest.raises(SourceWaitTimeout, match="no store entry .* after 0s"):
+        wait_for_entry(store, key, poll_s=0.01, timeout_s=0.2)
+    mark_failed(store, key, RuntimeError("disk full\nmore lines"))  # as rank 0 does when training fails
+    monkeypatch.setattr(rank_zero_only, "rank", 1)
+    with pytest.raises(SourceWaitTimeout, match="rank 1: rank 0 failed to train source .*: RuntimeError: disk full$"):
+        wait_for_entry(store, key, poll_s=0.01, timeout_s=60)
+    assert time.monotonic() - t0 < 10  # neither wait ran to a long timeout

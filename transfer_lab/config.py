@@ -42,6 +42,7 @@ class Stage:
 @dataclass
 class SourceStage(Stage):
     checkpoint: Optional[str] = None  # a knowledge package, .safetensors or weights-only checkpoint
+    wait_timeout_s: float = 24 * 3600.0  # DDP ranks ≠ 0: how long to wait for rank 0's store entry
 
 
 @dataclass
@@ -54,7 +55,7 @@ class TargetStage(Stage):
 class RunConfig:
     seed: int = 0
     store_dir: str = "store"
-    data_dir: str = "data"
+    data_dir: str = "data"  # conf/train.yaml: $TRANSFER_LAB_DATA, else data/ inside the repository
     resume: bool = True
     transferability: bool = True
     optimized_metric: Optional[str] = None

@@ -33,7 +33,7 @@ WAIT_TIMEOUT_S = 24 * 3600.0
 
 
 class SourceWaitTimeout(RuntimeError):
-    """Rank 0 did not produce the store entry in time (it failed, or is far slower than allowed)."""
+    """Rank 0 did not produce the store entry: it failed, or took longer than allowed."""
 
 
 def source_spec(cfg: DictConfig, dm: TransferDataModule) -> dict:
@@ -88,22 +88,49 @@ def source_stage(cfg: DictConfig, strategy: Strategy, dm: TransferDataModule | N
     t0 = time.perf_counter()
     store = SourceStore(cfg.store_dir)
     if rank_zero_only.rank != 0:
-        wait_for_entry(store, key)
-    state, _, metrics, hit = store.get_or_create(key, train)
+        wait_for_entry(store, key, timeout_s=float(cfg.source.get("wait_timeout_s") or WAIT_TIMEOUT_S))
+    try:
+        state, _, metrics, hit = store.get_or_create(key, train)
+    except Exception as e:  # tell waiting ranks now rather than at their timeout
+        mark_failed(store, key, e)
+        raise
     model.load_state_dict(state)
     return model, {"used": True, "key": key, "cache_hit": hit, **metrics,
                    "load_or_train_s": round(time.perf_counter() - t0, 3)}
 
 
+def failure_marker(store: SourceStore, key: str) -> Path:
+    return store.root / f".{key}.failed"
+
+
+def mark_failed(store: SourceStore, key: str, exc: BaseException) -> None:
+    """Rank 0 could not produce ``key``: leave a line for the ranks waiting on it."""
+    if rank_zero_only.rank == 0:
+        try:
+            store.root.mkdir(parents=True, exist_ok=True)
+            failure_marker(store, key).write_text(f"{type(exc).__name__}: {exc}".splitlines()[0])
+        except OSError:
+            pass  # a store that cannot be written: the waiting ranks fall back to the timeout
+
+
 def wait_for_entry(store: SourceStore, key: str, poll_s: float = 0.5,
                    timeout_s: float = WAIT_TIMEOUT_S) -> None:
     """A non-zero rank's barrier: rank 0 trains the source (alone, on one device) and saves it.
-    Gives up after ``timeout_s`` with one line: a rank 0 that failed never writes the entry."""
+    Stops with one line when rank 0 reports a failure (a marker newer than this process) or
+    after ``timeout_s`` (``source.wait_timeout_s``)."""
+    import psutil
+
+    started = psutil.Process().create_time() - 60  # ranks start together; older markers are stale
     deadline = time.monotonic() + timeout_s
+    marker = failure_marker(store, key)
     while not store.is_valid(key):
+        if marker.is_file() and marker.stat().st_mtime >= started:
+            raise SourceWaitTimeout(f"rank {rank_zero_only.rank}: rank 0 failed to train source {key}: "
+                                    f"{marker.read_text().strip()}")
         if time.monotonic() > deadline:
-            raise SourceWaitTimeout(f"rank {rank_zero_only.rank}: no store entry {key} from rank 0 "
-                                    f"after {timeout_s:.0f}s in {store.root} (did rank 0 fail? see its train.log)")
+            raise SourceWaitTimeout(f"rank {rank_zero_only.rank}: no store entry {key} from rank 0 after "
+                                    f"{timeout_s:.0f}s in {store.root} (source.wait_timeout_s; did rank 0 "
+                                    "fail? see its train.log)")
         time.sleep(poll_s)
 
 
