@@ -16,6 +16,7 @@ from transfer_lab.store import SourceStore, export_package, import_package, load
 RESULT_KEYS = {"strategy", "seed", "metrics", "source", "timings", "params", "config", "env", "status"}
 
 
+@pytest.mark.slow
 def test_store_miss_then_hit_gives_identical_results(tmp_path):
     cfg = compose_cfg("strategy=finetune", store=tmp_path / "store")
     first = run(cfg, tmp_path / "a")
@@ -39,6 +40,7 @@ def test_store_miss_then_hit_gives_identical_results(tmp_path):
     assert other["source"]["key"] != first["source"]["key"] and other["source"]["cache_hit"] is False
 
 
+@pytest.mark.slow
 def test_incomplete_store_entry_is_retrained_not_loaded(tmp_path):
     cfg = compose_cfg("strategy=finetune", store=tmp_path / "store")
     key = run(cfg, tmp_path / "a")["source"]["key"]
@@ -49,6 +51,7 @@ def test_incomplete_store_entry_is_retrained_not_loaded(tmp_path):
     assert SourceStore(tmp_path / "store").is_valid(key)
 
 
+@pytest.mark.slow
 def test_knowledge_package_round_trip_and_checkpoint_source(tmp_path):
     store = SourceStore(tmp_path / "store")
     cfg = compose_cfg("strategy=finetune", store=store.root)
@@ -89,6 +92,7 @@ def test_bad_input_fails_before_training_and_writes_nothing(override, match, tmp
     assert not (tmp_path / "store").exists() or not any((tmp_path / "store").iterdir())
 
 
+@pytest.mark.slow
 def test_cli_unknown_option_and_bad_value_give_one_line(tmp_path):
     env = {**os.environ, "TRANSFER_LAB_STORE": str(tmp_path / "store")}
     cmd = [sys.executable, "-m", "transfer_lab.train", f"hydra.run.dir={tmp_path}/run"]
@@ -106,7 +110,8 @@ def test_cli_unknown_option_and_bad_value_give_one_line(tmp_path):
     assert not (tmp_path / "store").exists()
 
 
-def test_source_scheduler_is_part_of_the_store_key_and_anneals_the_source(tmp_path, monkeypatch):
+@pytest.mark.slow
+def test_source_scheduler_is_part_of_the_store_key_and_anneals_the_source(tmp_path, monkeypatch, synth):
     """source.scheduler=cosine trains a different source (its own store key; the default key is
     unchanged, so entries stored without the option stay valid) whose LR ends at ~0; a bad value
     is one line before training."""
@@ -129,8 +134,7 @@ def test_source_scheduler_is_part_of_the_store_key_and_anneals_the_source(tmp_pa
     # seen: [source lr, target lr] per run; the cosine source ends annealed, the plain one does not
     assert seen[0] == pytest.approx(1e-3) and seen[2] < 1e-9
     cfg = compose_cfg("strategy=finetune")
-    from transfer_lab.data import SyntheticData
-    dm = SyntheticData(num_classes=4, shape=(1, 16, 16)).prepare()
+    dm = synth(shape=(1, 16, 16))
     spec = source_spec(cfg, dm)
     assert "scheduler" not in spec and store_key(spec) == store_key(source_spec(cfg, dm))
     with pytest.raises(ConfigError, match="source.scheduler='step': valid: none, cosine"):
@@ -149,12 +153,11 @@ def test_steps_replace_epochs_and_validation_runs_every_n_steps(tmp_path):
     assert val_steps == [2, 5]  # after optimizer steps 3 and 6 (Lightning logs the 0-based step)
 
 
-def test_source_steps_enter_the_store_key_only_when_set(tmp_path):
-    from transfer_lab.data import SyntheticData
+def test_source_steps_enter_the_store_key_only_when_set(synth):
     from transfer_lab.source_stage import source_spec
     from transfer_lab.store import store_key
 
-    dm = SyntheticData(num_classes=4, shape=(1, 16, 16)).prepare()
+    dm = synth(shape=(1, 16, 16))
     plain = source_spec(compose_cfg(), dm)
     assert "steps" not in plain  # keys of entries trained by epochs stay what they were
     stepped = source_spec(compose_cfg("source.steps=50"), dm)

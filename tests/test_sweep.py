@@ -30,6 +30,7 @@ def results_under(d):
     return {p.parent.name: json.loads(p.read_text()) for p in sorted(d.rglob("results.json"))}
 
 
+@pytest.mark.slow
 def test_sweep_trains_each_source_once_resumes_and_reports(tmp_path, monkeypatch, capsys):
     sweep = tmp_path / "sweep"
     args = ["strategy=scratch,finetune,linear_probe", "seed=0,1", f"store_dir={tmp_path}/store",
@@ -58,6 +59,7 @@ def test_sweep_trains_each_source_once_resumes_and_reports(tmp_path, monkeypatch
     assert not res["problems"]
 
 
+@pytest.mark.slow
 def test_resume_only_for_the_same_config_and_can_be_turned_off(tmp_path):
     cfg = compose_cfg("strategy=scratch", store=tmp_path / "store")
     res = run(cfg, tmp_path / "cell")
@@ -70,6 +72,7 @@ def test_resume_only_for_the_same_config_and_can_be_turned_off(tmp_path):
                      tmp_path / "cell") is not None
 
 
+@pytest.mark.slow
 def test_killed_cell_resumes_from_its_last_checkpoint(tmp_path, monkeypatch):
     cfg = compose_cfg("strategy=finetune", "target.epochs=4", store=tmp_path / "store")
     original = TransferModule.on_train_epoch_end
@@ -97,6 +100,7 @@ def test_killed_cell_resumes_from_its_last_checkpoint(tmp_path, monkeypatch):
     assert not (tmp_path / "cell" / "checkpoints").exists()
 
 
+@pytest.mark.slow
 def test_joblib_two_jobs_sharing_one_source_train_it_once(tmp_path, monkeypatch):
     sweep = tmp_path / "sweep"
     multirun(monkeypatch, "hydra/launcher=parallel", "hydra.launcher.n_jobs=2",
@@ -163,6 +167,7 @@ def test_unknown_or_missing_logger_is_one_clear_error(tmp_path):
         assert not any(tmp_path.rglob("manifest.json"))  # no source trained first
 
 
+@pytest.mark.slow
 def test_a_bad_cell_is_recorded_and_the_sweep_goes_on(tmp_path, monkeypatch, capsys):
     sweep = tmp_path / "sweep"
     with pytest.raises(SystemExit) as e:

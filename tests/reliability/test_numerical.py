@@ -54,6 +54,7 @@ def test_source_stage_nan_is_a_failed_record_naming_the_source_stage(tmp_path):
     assert [p["status"] for p in problems] == ["failed"]
 
 
+@pytest.mark.slow
 def test_single_run_failure_prints_one_line_exits_1_and_logs_the_traceback(tmp_path, monkeypatch, capsys):
     import sys
 

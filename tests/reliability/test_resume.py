@@ -25,6 +25,7 @@ def _cli(tmp_path, *extra: str) -> list[str]:
             f"store_dir={tmp_path / 'store'}", *TINY, *ARGS, *extra]
 
 
+@pytest.mark.slow
 def test_sigkilled_run_resumes_from_its_last_checkpoint(tmp_path):
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")]),
            "OMP_NUM_THREADS": "1"}
@@ -57,6 +58,7 @@ def test_sigkilled_run_resumes_from_its_last_checkpoint(tmp_path):
 
 
 
+@pytest.mark.slow
 def test_resumed_run_matches_an_uninterrupted_one(tmp_path, monkeypatch):
     from transfer_lab.module import TransferModule
 
