@@ -181,15 +181,22 @@ def resume_callbacks(cfg: DictConfig, ckpt_dir: Path) -> list:
 
 def last_checkpoint(ckpt_dir: Path) -> tuple[Path, int] | None:
     """``(path, epoch)`` of a readable ``last.ckpt``; an unreadable one (killed mid-write) is dropped."""
+    found = readable_checkpoint(ckpt_dir)
+    if found is not None:
+        log.info("resuming %s from its checkpoint after epoch %d", ckpt_dir.parent, found[1])
+    return found
+
+
+def readable_checkpoint(ckpt_dir: Path) -> tuple[Path, int] | None:
+    """``last.ckpt`` and its epoch if it can be read; a damaged one is removed (rank 0)."""
     path = ckpt_dir / "last.ckpt"
     if not path.is_file():
         return None
     try:  # tensors + primitives: weights_only refuses anything that would run code on unpickling
         epoch = int(torch.load(path, map_location="cpu", weights_only=True)["epoch"])
     except Exception as e:  # noqa: BLE001 — any damage means: start this cell over
-        log.warning("ignoring unreadable checkpoint %s (%s): training from the start", path, e)
+        log.warning("removing unreadable checkpoint %s (%s)", path, e)
         if rank_zero_only.rank == 0:
             path.unlink(missing_ok=True)
         return None
-    log.info("resuming %s from its checkpoint after epoch %d", ckpt_dir.parent, epoch)
     return path, epoch

@@ -20,9 +20,9 @@ from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
 from transfer_lab.builders import (build_model, last_checkpoint, make_callbacks, make_datamodule,
-                                   make_loggers,
-                                   make_module, make_strategy, make_trainer, resume_callbacks,
-                                   rng_state, scheduler_of, set_rng_state, task_of)
+                                   make_loggers, make_module, make_strategy, make_trainer,
+                                   readable_checkpoint, resume_callbacks, rng_state, scheduler_of,
+                                   set_rng_state, task_of)
 from transfer_lab.data.datamodule import TransferDataModule
 from transfer_lab.errors import ConfigError
 from transfer_lab.models.classifier import Classifier
@@ -152,7 +152,7 @@ def run(cfg: DictConfig, out_dir: str | Path, choices: dict[str, Any] | None = N
         return results
     except Exception as e:  # noqa: BLE001 — every failure becomes a record and one line
         line = one_line(e) if rank_zero_only.rank != 0 else record_failure(out_dir, results, stage, e)
-        last_checkpoint(out_dir / "checkpoints")  # drops a checkpoint the failure left half-written
+        readable_checkpoint(out_dir / "checkpoints")  # drops a checkpoint the failure left half-written
         if isinstance(e, ConfigError):
             raise
         raise RunFailed(f"{stage} stage failed: {line}") from e
