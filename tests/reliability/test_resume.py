@@ -99,13 +99,12 @@ def test_paired_loaders_resume_at_the_uninterrupted_batches(kind):
     import torch
 
     from transfer_lab.data.loader import BatchLoader
-    from transfer_lab.strategies.dann import _Paired
-    from transfer_lab.strategies.multitask import JointLoader
+    from transfer_lab.data.paired import PairedLoader
 
     def make():
         a = BatchLoader(torch.arange(70), torch.arange(70), 16, shuffle=True, seed=1)  # 5 batches
         b = BatchLoader(torch.arange(30) + 100, torch.arange(30), 16, shuffle=True, seed=2)  # 2
-        return JointLoader(a, b) if kind == "multitask" else _Paired(a, b)
+        return PairedLoader(a, b)
 
     def flat(batch):
         return torch.cat([t.flatten() for t in torch.utils._pytree.tree_leaves(batch)]).tolist()
