@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import sys
 from pathlib import Path
 from typing import Any
@@ -53,9 +54,39 @@ def task_of(dm: TransferDataModule) -> str:
     return getattr(dm, "task", "classification")
 
 
-def scheduler_of(cfg: DictConfig, stage: str) -> str:
-    """A stage's learning-rate schedule (``none`` when the key is unset or null)."""
-    return str(cfg[stage].get("scheduler") or "none")
+CONSTANT = "transfer_lab.schedulers.constant"
+SCHEDULES = ("constant", "cosine", "onecycle")  # conf/scheduler/
+
+
+def scheduler_of(cfg: DictConfig, stage: str) -> Any:
+    """A stage's schedule as it enters a store key: ``"none"`` for ``constant`` (or unset), so
+    keys of entries stored before schedules were a config group stay valid; else its config."""
+    node = schedule_node(cfg, stage)
+    if node is None or node.get("_target_") == CONSTANT:
+        return "none"
+    return OmegaConf.to_container(node, resolve=True)
+
+
+def schedule_node(cfg: DictConfig, stage: str) -> DictConfig | None:
+    """The ``scheduler@<stage>.scheduler`` node; the string form of earlier versions is one line."""
+    node = cfg[stage].get("scheduler")
+    if node is not None and not isinstance(node, DictConfig):
+        raise ConfigError(f"{stage}.scheduler={node}: a schedule is a config group now: use "
+                          f"scheduler@{stage}.scheduler={node if node in SCHEDULES else 'cosine'} "
+                          f"({'|'.join(SCHEDULES)}, conf/scheduler/)")
+    return node
+
+
+def schedule_factory(cfg: DictConfig, stage: str) -> Any:
+    """The instantiated schedule factory of a stage (``transfer_lab.schedulers``), None when unset."""
+    node = schedule_node(cfg, stage)
+    if node is None:
+        return None
+    factory = build(node, f"{stage}.scheduler")
+    if not callable(factory):
+        raise ConfigError(f"{stage}.scheduler._target_={node.get('_target_')}: not a schedule factory "
+                          "(needs _partial_: true, see conf/scheduler/)")
+    return factory
 
 
 def make_datamodule(data_cfg: DictConfig, seed: int, key: str,
@@ -114,7 +145,7 @@ def make_module(cfg: DictConfig, stage: str, model: torch.nn.Module, strategy: S
     opt = cfg[stage].optimizer
     return TransferModule(model, strategy, instantiate(opt, _partial_=True), lr=float(opt.lr),
                           num_classes=dm.num_classes, class_weights=class_weights,
-                          scheduler=scheduler_of(cfg, stage), task=task_of(dm),
+                          scheduler=schedule_factory(cfg, stage), task=task_of(dm),
                           target_norm=getattr(dm, "target_norm", None))
 
 
@@ -132,6 +163,11 @@ def make_trainer(cfg: DictConfig, stage: str, out_dir: Path, callbacks: list,
     if kwargs.get("enable_progress_bar") is None:
         kwargs["enable_progress_bar"] = sys.stderr.isatty() and not os.environ.get("CI")
     kwargs.update({k: v for k, v in length_of(cfg, stage).items() if k not in kwargs})
+    every = kwargs.get("val_check_interval")
+    if isinstance(every, int) and not isinstance(every, bool):
+        # an int counts steps across epochs: with an epoch cadence Lightning refuses one larger
+        # than the batches per epoch (a 50-image target has one batch per epoch)
+        kwargs["check_val_every_n_epoch"] = None
     # the callbacks group (e.g. performance options) runs beside the strategy's own
     configured = make_callbacks(cfg) + [build(c, "trainer.callbacks") for c in kwargs.pop("callbacks", None) or []]
     if any(isinstance(c, ModelCheckpoint) for c in callbacks):
@@ -147,8 +183,8 @@ def length_of(cfg: DictConfig, stage: str) -> dict[str, Any]:
     out: dict[str, Any] = ({"max_steps": int(steps), "max_epochs": -1} if steps is not None
                            else {"max_epochs": int(cfg[stage].epochs)})
     every = cfg[stage].get("val_check_interval")
-    if every is not None:  # Lightning counts an int across epochs only without an epoch cadence
-        out.update(val_check_interval=every, check_val_every_n_epoch=None)
+    if every is not None:
+        out["val_check_interval"] = every
     return out
 
 
@@ -180,23 +216,43 @@ def resume_callbacks(cfg: DictConfig, ckpt_dir: Path) -> list:
 
 
 def last_checkpoint(ckpt_dir: Path) -> tuple[Path, int] | None:
-    """``(path, epoch)`` of a readable ``last.ckpt``; an unreadable one (killed mid-write) is dropped."""
-    found = readable_checkpoint(ckpt_dir)
-    if found is not None:
-        log.info("resuming %s from its checkpoint after epoch %d", ckpt_dir.parent, found[1])
-    return found
+    """``(path, epoch)`` to resume from: the newer (by optimizer step) of a readable ``last.ckpt``
+    and the ``hpc_ckpt_<n>.ckpt`` a SLURM requeue (USR1) saved beside ``ckpt_dir``; unreadable
+    ones (killed mid-write) are dropped."""
+    found = [f for f in (readable_checkpoint(ckpt_dir), *map(_readable, _hpc_checkpoints(ckpt_dir.parent)))
+             if f is not None]
+    if not found:
+        return None
+    path, epoch, _ = max(found, key=lambda f: f[2])
+    log.info("resuming %s from %s after epoch %d", ckpt_dir.parent, path.name, epoch)
+    return path, epoch
 
 
-def readable_checkpoint(ckpt_dir: Path) -> tuple[Path, int] | None:
-    """``last.ckpt`` and its epoch if it can be read; a damaged one is removed (rank 0)."""
-    path = ckpt_dir / "last.ckpt"
+def readable_checkpoint(ckpt_dir: Path) -> tuple[Path, int, int] | None:
+    """``(last.ckpt, epoch, global step)`` if it can be read; a damaged one is removed (rank 0)."""
+    return _readable(ckpt_dir / "last.ckpt")
+
+
+def _readable(path: Path) -> tuple[Path, int, int] | None:
     if not path.is_file():
         return None
     try:  # tensors + primitives: weights_only refuses anything that would run code on unpickling
-        epoch = int(torch.load(path, map_location="cpu", weights_only=True)["epoch"])
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        return path, int(state["epoch"]), int(state["global_step"])
     except Exception as e:  # noqa: BLE001 — any damage means: start this cell over
         log.warning("removing unreadable checkpoint %s (%s)", path, e)
         if rank_zero_only.rank == 0:
             path.unlink(missing_ok=True)
         return None
-    return path, epoch
+
+
+def _hpc_checkpoints(out_dir: Path) -> list[Path]:
+    """What Lightning's SLURM requeue saves in the trainer's root directory (the cell's)."""
+    return sorted(out_dir.glob("hpc_ckpt_*.ckpt"))
+
+
+def remove_resume_state(out_dir: Path) -> None:
+    """After a cell finished: its ``checkpoints/`` (last, best) and any ``hpc_ckpt_*.ckpt``."""
+    shutil.rmtree(out_dir / "checkpoints", ignore_errors=True)
+    for path in _hpc_checkpoints(out_dir):
+        path.unlink(missing_ok=True)

@@ -32,11 +32,27 @@ class Stage:
     epochs: int = 3
     steps: Optional[int] = None  # total optimizer steps; replaces epochs when set
     val_check_interval: Any = None  # validate every N steps (int) or fraction of an epoch
-    scheduler: Any = "none"  # learning-rate schedule (a name, or a scheduler config)
+    scheduler: Any = None  # learning-rate schedule: a conf/scheduler/ config (scheduler@<stage>.scheduler=...)
     trainer: Any = field(default_factory=dict)  # extra Trainer kwargs for this stage only
     data: Any = None
     model: Any = None
     optimizer: Any = None
+
+
+class Select(str, Enum):
+    """Which target weights are tested: the last ones, or the best-validation checkpoint."""
+
+    last = "last"
+    best_val = "best_val"
+
+
+@dataclass
+class Convergence:
+    """Tolerances of the convergence check (``transfer_lab.convergence``)."""
+
+    val_tol: float = 0.01  # best validation metric improved less than this over the last fifth
+    loss_tol: float = 0.05  # share of the training loss's fall allowed in the last fifth
+    min_evals: int = 3  # fewer validations: not converged
 
 
 @dataclass
@@ -49,6 +65,10 @@ class SourceStage(Stage):
 class TargetStage(Stage):
     epochs: int = 30
     save_weights: SaveWeights = SaveWeights.auto
+    select: Select = Select.last
+    monitor: Optional[str] = None  # null: val/acc (max) for classification, val/loss (min) for regression
+    early_stopping: Any = None  # {patience, min_delta} or null
+    convergence: Convergence = field(default_factory=Convergence)
 
 
 @dataclass

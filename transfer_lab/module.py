@@ -12,6 +12,7 @@ import torch.nn.functional as F
 import torchmetrics
 from torch import nn
 
+from transfer_lab.schedulers import configure_scheduler
 from transfer_lab.strategies.base import Strategy
 from transfer_lab.strategies.common import hold_frozen_in_eval
 
@@ -34,7 +35,8 @@ class TransferModule(L.LightningModule):
         lr: base learning rate; the strategy derives group rates from it.
         num_classes: for the accuracy metrics.
         class_weights: optional per-class loss weights (imbalance remedy).
-        scheduler: ``cosine`` or ``none``.
+        scheduler: a schedule factory ``(optimizer, total_steps) -> lr_scheduler dict``
+            (``transfer_lab.schedulers``), or None for the optimizer's rate throughout.
         task: ``classification`` (cross-entropy; accuracy, balanced and per-class accuracy) or
             ``regression`` (MSE on one output; ``mse``, ``rmse``, ``r2``), as the data module says.
         target_norm: regression only: ``(mean, std)`` — the model predicts ``(y − mean) / std``;
@@ -43,13 +45,14 @@ class TransferModule(L.LightningModule):
 
     def __init__(self, model: nn.Module, strategy: Strategy, optimizer: Callable[..., torch.optim.Optimizer],
                  lr: float, num_classes: int, class_weights: torch.Tensor | None = None,
-                 scheduler: str = "none", task: str = "classification",
+                 scheduler: Callable[..., dict] | None = None, task: str = "classification",
                  target_norm: tuple[float, float] | None = None) -> None:
         super().__init__()
         if task not in TASKS:
             raise ValueError(f"task={task!r}: valid: {', '.join(TASKS)}")
-        self.save_hyperparameters(ignore=["model", "strategy", "optimizer", "class_weights"])
+        self.save_hyperparameters(ignore=["model", "strategy", "optimizer", "class_weights", "scheduler"])
         self.model, self.strategy, self.optimizer_factory = model, strategy, optimizer
+        self.scheduler_factory = scheduler
         self.task = task
         self.target_norm = tuple(float(v) for v in target_norm) if target_norm else (0.0, 1.0)
         self.register_buffer("class_weights", class_weights, persistent=False)
@@ -197,10 +200,9 @@ class TransferModule(L.LightningModule):
         if extra:  # parameters a strategy added outside the model (regressors, discriminators)
             groups.append({"name": "strategy", "params": extra, "lr": self.hparams.lr})
         opt = self.optimizer_factory(groups)
-        if self.hparams.scheduler == "cosine":
-            sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, self.trainer.max_epochs))
-            return {"optimizer": opt, "lr_scheduler": sched}
-        return opt
+        if self.scheduler_factory is None:  # no trainer needed (unit tests call this directly)
+            return opt
+        return configure_scheduler(self.scheduler_factory, opt, self.trainer)
 
 
 def _in_groups(p: torch.Tensor, groups: list[dict]) -> bool:

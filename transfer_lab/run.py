@@ -7,7 +7,6 @@ The leaves come from ``builders``, the source from ``source_stage``; this file i
 from __future__ import annotations
 
 import logging
-import shutil
 import time
 import warnings
 from dataclasses import dataclass
@@ -21,19 +20,20 @@ from omegaconf import DictConfig, OmegaConf
 
 from transfer_lab.builders import (build_model, last_checkpoint, make_callbacks, make_datamodule,
                                    make_loggers, make_module, make_strategy, make_trainer,
-                                   readable_checkpoint, resume_callbacks, rng_state, scheduler_of,
-                                   set_rng_state, task_of)
+                                   readable_checkpoint, remove_resume_state, resume_callbacks, rng_state,
+                                   schedule_factory, set_rng_state, task_of)
+from transfer_lab.convergence import ConvergenceCheck
 from transfer_lab.data.datamodule import TransferDataModule
 from transfer_lab.errors import ConfigError
 from transfer_lab.models.classifier import Classifier
 from transfer_lab.results import (RunFailed, config_hash, environment, one_line, record_failure,
                                   save_weights, write_results)
+from transfer_lab.selection import Selection
 from transfer_lab.source_stage import source_stage, transferability_scores
 from transfer_lab.strategies.base import Strategy
 from transfer_lab.validate import preflight_build, validate_config
 
 log = logging.getLogger("transfer_lab")
-SCHEDULERS = ("none", "cosine")
 # Lightning's per-Trainer banners ("GPU available", tips) drown a sweep's one-line summaries
 for _name in ("lightning.pytorch.utilities.rank_zero", "lightning.pytorch.accelerators.cuda",
               "lightning.fabric.utilities.rank_zero"):
@@ -70,8 +70,7 @@ def prepare(cfg: DictConfig) -> Prepared:
     """
     validate_config(cfg)
     for stage in ("source", "target"):
-        if scheduler_of(cfg, stage) not in SCHEDULERS:
-            raise ConfigError(f"{stage}.scheduler={cfg[stage].get('scheduler')!r}: valid: {', '.join(SCHEDULERS)}")
+        schedule_factory(cfg, stage)  # the old string form or a bad schedule fails here
     # constructing loggers and callbacks writes nothing: a bad option or missing package shows now
     make_loggers(cfg, Path("."), "preflight")
     make_callbacks(cfg)
@@ -87,6 +86,7 @@ def prepare(cfg: DictConfig) -> Prepared:
             raise ConfigError(f"strategy._target_={cfg.strategy._target_}: handles {', '.join(strategy.tasks)} "
                               f"tasks, but {key} is a {task_of(dm)} task (regression: scratch, finetune, "
                               "linear_probe, partial, l2sp)")
+    selection_of(cfg, target_dm, Path("."))  # a bad select / monitor / early_stopping fails here
     tgt_model_cfg = cfg.target.get("model") or cfg.source.model
     source = build_model(cfg.source.model, source_dm, key="source.model") if source_dm is not None else None
     # the target init is the same whatever the source path (trained, stored, external)
@@ -99,7 +99,7 @@ def prepare(cfg: DictConfig) -> Prepared:
 
 def check_lengths(cfg: DictConfig) -> None:
     """``steps`` a whole number ≥ 0 or null; ``val_check_interval`` steps ≥ 1 (or a fraction of
-    an epoch in (0, 1]); a cosine schedule counts epochs, so it cannot run on a step budget."""
+    an epoch in (0, 1]). (Schedules span ``trainer.estimated_stepping_batches``: steps or epochs.)"""
     for stage in ("source", "target"):
         steps, every = cfg[stage].get("steps"), cfg[stage].get("val_check_interval")
         if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 0):
@@ -110,9 +110,6 @@ def check_lengths(cfg: DictConfig) -> None:
                                   or (isinstance(every, float) and not 0 < every <= 1)):
             raise ConfigError(f"{stage}.val_check_interval={every!r}: expected steps ≥ 1 or a fraction "
                               "of an epoch in (0, 1]")
-        if steps is not None and scheduler_of(cfg, stage) == "cosine":
-            raise ConfigError(f"{stage}.scheduler=cosine anneals over {stage}.epochs; with {stage}.steps "
-                              f"set use {stage}.scheduler=none (or train by epochs: {stage}.steps=null)")
 
 
 def run(cfg: DictConfig, out_dir: str | Path, choices: dict[str, Any] | None = None,
@@ -148,7 +145,7 @@ def run(cfg: DictConfig, out_dir: str | Path, choices: dict[str, Any] | None = N
             results["weights"] = save_weights(model, out_dir, cfg.target.save_weights,
                                               results["source"].get("key"))
             write_results(out_dir, results)
-            shutil.rmtree(out_dir / "checkpoints", ignore_errors=True)  # weights saved: resume state not needed
+            remove_resume_state(out_dir)  # weights saved: last.ckpt, best.ckpt, hpc_ckpt_* not needed
         return results
     except Exception as e:  # noqa: BLE001 — every failure becomes a record and one line
         line = one_line(e) if rank_zero_only.rank != 0 else record_failure(out_dir, results, stage, e)
@@ -183,14 +180,21 @@ def target_stage(cfg: DictConfig, p: Prepared, source: Classifier | None, out_di
     results["params"] = {"total": sum(q.numel() for q in model.parameters()),
                          "trainable": sum(q.numel() for q in model.parameters() if q.requires_grad)}
     ckpt_dir = out_dir / "checkpoints"
-    trainer = make_trainer(cfg, "target", out_dir, [*strategy.callbacks(), *resume_callbacks(cfg, ckpt_dir)],
-                           devices)
+    selection = selection_of(cfg, target_dm, ckpt_dir)
+    convergence = ConvergenceCheck(selection.monitor, selection.mode, **(cfg.target.get("convergence") or {}))
+    trainer = make_trainer(cfg, "target", out_dir, [*strategy.callbacks(), *resume_callbacks(cfg, ckpt_dir),
+                                                    *selection.callbacks(), convergence], devices)
     resume_from = last_checkpoint(ckpt_dir) if cfg.get("resume", True) else None
     trainer.fit(module, datamodule=strategy.datamodule(target_dm, p.source_dm),
                 ckpt_path=str(resume_from[0]) if resume_from else None)
-    # the last epoch's train/val figures: trainer.test resets callback_metrics
+    # the last validation's train/val figures: trainer.test resets callback_metrics
     fitted = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith(("val/", "train/"))}
-    tested = trainer.test(module, datamodule=target_dm, verbose=False)[0]
+    ckpt_path, results["selection"] = selection.chosen(trainer)
+    if ckpt_path and results["selection"]["value"] is not None:
+        # the tested model's validation figure: what optimized_metric hands a sweeper
+        fitted[selection.monitor] = results["selection"]["value"]
+    results["convergence"] = convergence.result
+    tested = trainer.test(module, datamodule=target_dm, verbose=False, ckpt_path=ckpt_path)[0]
     results["metrics"] = {**fitted, **{k: float(v) for k, v in tested.items()}}
     if module.test_per_class is not None:
         results["per_class"] = {"test/acc": module.test_per_class}
@@ -199,3 +203,10 @@ def target_stage(cfg: DictConfig, p: Prepared, source: Classifier | None, out_di
                                   "world_size": trainer.world_size,
                                   "resumed_after_epoch": resume_from[1] if resume_from else None}
     return model, trainer.is_global_zero
+
+
+def selection_of(cfg: DictConfig, target_dm: TransferDataModule, ckpt_dir: Path) -> Selection:
+    """The target's model selection (``target.select``, ``monitor``, ``early_stopping``)."""
+    select = cfg.target.get("select") or "last"
+    return Selection(getattr(select, "value", select), task_of(target_dm), ckpt_dir,
+                     cfg.target.get("early_stopping"), cfg.target.get("monitor"))
