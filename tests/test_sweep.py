@@ -5,6 +5,7 @@ import sys
 import time
 
 import pytest
+import torch
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 
@@ -76,13 +77,14 @@ def test_resume_only_for_the_same_config_and_can_be_turned_off(tmp_path):
 def test_killed_cell_resumes_from_its_last_checkpoint(tmp_path, monkeypatch):
     cfg = compose_cfg("strategy=finetune", "target.epochs=4", store=tmp_path / "store")
     original = TransferModule.on_train_epoch_end
-    epochs_run = []
+    epochs_run, batches = [], []
 
     def crash_after_epoch_1(self):
         original(self)
         if self.trainer.checkpoint_callback is None:  # the source stage: not the cell being killed
             return
         epochs_run.append(self.current_epoch)
+        batches.append(self.trainer.num_training_batches)
         if crash and self.current_epoch == 1:
             raise KeyboardInterrupt  # as if killed during epoch 1: last.ckpt holds epoch 0
 
@@ -94,10 +96,30 @@ def test_killed_cell_resumes_from_its_last_checkpoint(tmp_path, monkeypatch):
     assert completed(cfg, tmp_path / "cell") is None
     crash, epochs_run[:] = False, []
     res = run(cfg, tmp_path / "cell")
-    assert res["target_training"] == {"epochs": 4, "steps": res["target_training"]["steps"], "world_size": 1,
+    # 4 epochs of optimizer steps in all: the resumed run counts on from the checkpoint's step
+    assert res["target_training"] == {"epochs": 4, "steps": 4 * batches[0], "world_size": 1,
                                       "resumed_after_epoch": 0}
     assert epochs_run == [1, 2, 3]  # continued, not restarted: 4 epochs in all
     assert not (tmp_path / "cell" / "checkpoints").exists()
+
+
+def test_resume_takes_the_newer_of_last_and_hpc_checkpoints_and_success_removes_them(tmp_path):
+    """A SLURM requeue (USR1) leaves hpc_ckpt_<n>.ckpt in the cell's directory, possibly newer than
+    checkpoints/last.ckpt: resume from whichever holds more optimizer steps; a finished cell
+    keeps neither."""
+    from transfer_lab.builders import last_checkpoint, remove_resume_state
+
+    cell, ckpts = tmp_path / "cell", tmp_path / "cell" / "checkpoints"
+    ckpts.mkdir(parents=True)
+    torch.save({"epoch": 3, "global_step": 40}, ckpts / "last.ckpt")
+    torch.save({"epoch": 4, "global_step": 47}, cell / "hpc_ckpt_1.ckpt")
+    assert last_checkpoint(ckpts) == (cell / "hpc_ckpt_1.ckpt", 4)
+    torch.save({"epoch": 5, "global_step": 60}, ckpts / "last.ckpt")
+    assert last_checkpoint(ckpts) == (ckpts / "last.ckpt", 5)
+    (cell / "hpc_ckpt_2.ckpt").write_bytes(b"killed mid-write")  # unreadable: dropped, not used
+    assert last_checkpoint(ckpts) == (ckpts / "last.ckpt", 5) and not (cell / "hpc_ckpt_2.ckpt").exists()
+    remove_resume_state(cell)
+    assert not ckpts.exists() and not list(cell.glob("hpc_ckpt_*"))
 
 
 @pytest.mark.slow

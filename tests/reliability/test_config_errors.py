@@ -41,10 +41,24 @@ def fails_cleanly(tmp_path: Path, *overrides: str) -> str:
     (["source.data.classes=[-1]"], "source.data.classes: [-1] out of range"),
     (["target.data.imbalance_ratio=0.5"], "target.data.imbalance_ratio=0.5"),
     (["target.data.augment=rotate"], "target.data.augment='rotate': valid: none, crop, crop_flip"),
-    (["target.save_weights=some"], "target.save_weights='some'"),
 ])
 def test_impossible_values_fail_before_training(tmp_path, overrides, expect):
     assert expect in fails_cleanly(tmp_path, *overrides)
+
+
+# --- rejected when Hydra composes, by the schema of the run's own keys (transfer_lab/config.py) ---
+@pytest.mark.parametrize("override, expect", [
+    ("target.save_weights=some", "expected one of [auto, trainable, full, none]"),
+    ("seed=abc", "could not be converted to Integer"),
+    ("target.epochs=abc", "could not be converted to Integer"),
+    ("target.select=bestval", "expected one of [last, best_val]"),
+])
+def test_schema_rejects_bad_run_keys_in_one_line_at_composition(override, expect):
+    from transfer_lab.train import check_overrides
+
+    with pytest.raises(ConfigError) as e:
+        check_overrides([override])
+    assert override in str(e.value) and expect in str(e.value) and "\n" not in str(e.value)
 
 
 def test_missing_data_with_download_off_names_the_path(tmp_path):
@@ -58,8 +72,6 @@ def test_missing_data_with_download_off_names_the_path(tmp_path):
 
 # --- the validator (what run.prepare should call first) ------------------------------------------
 @pytest.mark.parametrize("overrides, expect", [
-    (["target.epochs=abc"], "target.epochs='abc': expected int"),
-    (["seed=abc"], "seed='abc': expected int"),
     (["target.data.samples_per_class=abc"], "target.data.samples_per_class='abc': expected int or null"),
     (["target.data.classes=3"], "target.data.classes=3: expected Sequence[int] or null"),
     (["strategy=partial", "strategy.blocks=x"], "strategy.blocks='x': expected int"),
@@ -88,7 +100,8 @@ def test_unknown_option_lists_the_valid_ones():
 @pytest.mark.parametrize("group, names", [
     ("strategy", STRATEGIES),
     ("model@source.model", sorted(p.stem for p in (CONF / "model").glob("*.yaml"))),
-    ("data@target.data", sorted(p.stem for p in (CONF / "data").glob("*.yaml") if p.stem not in ("npz", "table", "image_folder"))),
+    ("data@target.data", sorted(p.stem for p in (CONF / "data").glob("*.yaml")
+                                 if p.stem not in ("npz", "table", "image_folder") and not p.stem.startswith("_"))),
     ("optimizer@target.optimizer", sorted(p.stem for p in (CONF / "optimizer").glob("*.yaml"))),
     ("trainer", sorted(p.stem for p in (CONF / "trainer").glob("*.yaml"))),
 ])
