@@ -218,3 +218,15 @@ def test_compare_end_to_end_on_synthetic_data(tmp_path):
         assert sorted(c["seed"] for c in cells) == [1, 2]
         lr = r["best_params"]["target.optimizer.lr"]
         assert all(c["config"]["target"]["optimizer"]["lr"] == pytest.approx(lr) for c in cells)
+
+
+def test_the_report_on_dir_eval_finds_comparison_json_in_dir(tmp_path):
+    """The tool writes ``D/comparison.json`` and evaluates into ``D/eval``; the report runs on the
+    latter (as the tool does) and must still state the protocol."""
+    from transfer_lab.analysis.comparison import read_comparison
+
+    data = {"protocol": {"trials": 2}, "strategies": {"scratch": {"best_params": {"target.optimizer.lr": 0.01}}}}
+    (tmp_path / "eval").mkdir()
+    (tmp_path / "comparison.json").write_text(json.dumps(data))
+    assert read_comparison(tmp_path / "eval") == data == read_comparison(tmp_path)
+    assert read_comparison(tmp_path / "eval" / "scratch") is None  # only one level up

@@ -44,7 +44,7 @@ from transfer_lab.run import run
 from transfer_lab.strategies.scratch import Scratch
 
 ROOT = Path(__file__).resolve().parents[1]
-DATA = Path(os.environ.get("TRANSFER_LAB_DATA", ROOT.parent / "shared" / "data"))
+DATA = Path(os.environ.get("TRANSFER_LAB_DATA") or ROOT / "data")  # as conf/train.yaml's data_dir
 AMP = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}
 # what (a)-(c) time with; main() picks it (see --clock)
 now: Callable[[], float] = time.perf_counter
@@ -298,7 +298,7 @@ def bench_process(args, device: torch.device, store: Path, work: Path) -> dict:
         cmd = [sys.executable, "-m", "transfer_lab.train", "experiment=quickstart", f"store_dir={store}",
                f"hydra.run.dir={work / f'child{rep}'}", "trainer.enable_progress_bar=false",
                f"trainer.accelerator={'gpu' if device.type == 'cuda' else 'cpu'}",
-               f"trainer.callbacks=[{{_target_:transfer_lab.bench.FirstStepStamp,path:'{stamp}'}}]"]
+               f"+callbacks.first_step_stamp={{_target_:transfer_lab.bench.FirstStepStamp,path:'{stamp}'}}"]
         t0 = time.time()
         spawn(cmd, errs)
         probe = dict(ln.split() for ln in stamp.read_text().splitlines())

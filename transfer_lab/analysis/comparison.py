@@ -23,9 +23,11 @@ PROTOCOL = (("trials", "Optuna trials per strategy"), ("sampler", "sampler"),
 
 
 def read_comparison(root: str | Path) -> dict[str, Any] | None:
-    """``<root>/comparison.json`` checked against the schema; None when the file is absent."""
-    path = Path(root) / FILE
-    if not path.is_file():
+    """``comparison.json`` of ``root`` or of its parent (the comparison tool writes it to ``D/``
+    and evaluates into ``D/eval``, which is what the report is run on), checked against the
+    schema; None when neither has one."""
+    path = next((d / FILE for d in (Path(root), Path(root).resolve().parent) if (d / FILE).is_file()), None)
+    if path is None:
         return None
     try:
         data = json.loads(path.read_text())
