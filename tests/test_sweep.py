@@ -103,6 +103,31 @@ def test_killed_cell_resumes_from_its_last_checkpoint(tmp_path, monkeypatch):
     assert not (tmp_path / "cell" / "checkpoints").exists()
 
 
+@pytest.mark.slow
+def test_hparams_search_optimises_the_chosen_checkpoints_validation_metric(tmp_path):
+    """``hparams_search=linear_probe hydra.sweeper.n_trials=N hydra.sweep.dir=D``: N trials, each
+    with its results.json under D, and D/optimization_results.yaml whose best_value is the best
+    trial's validation score of the checkpoint it tested (target.select=best_val), not a test one."""
+    import subprocess
+
+    import yaml
+
+    from conftest import ROOT
+
+    sweep = tmp_path / "D"
+    cmd = [sys.executable, "-m", "transfer_lab.train", *TINY, "hparams_search=linear_probe",
+           "hydra.sweeper.n_trials=3", f"hydra.sweep.dir={sweep}", f"store_dir={tmp_path}/store",
+           "target.steps=6", "target.val_check_interval=2", "target.select=best_val", "logger=none"]
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    trials = list(results_under(sweep).values())
+    assert len(trials) == 3 and all(r["status"] == "ok" for r in trials)
+    for r in trials:  # the objective is the tested (best-validation) checkpoint's val/acc
+        assert r["metrics"]["val/acc"] == r["selection"]["value"] and r["selection"]["select"] == "best_val"
+    best = yaml.safe_load((sweep / "optimization_results.yaml").read_text())
+    assert best["best_value"] == pytest.approx(max(r["metrics"]["val/acc"] for r in trials))
+
+
 def test_resume_takes_the_newer_of_last_and_hpc_checkpoints_and_success_removes_them(tmp_path):
     """A SLURM requeue (USR1) leaves hpc_ckpt_<n>.ckpt in the cell's directory, possibly newer than
     checkpoints/last.ckpt: resume from whichever holds more optimizer steps; a finished cell
