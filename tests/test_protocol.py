@@ -308,3 +308,63 @@ def test_a_schedule_follows_the_groups_gradual_unfreeze_adds(tmp_path, one_threa
     assert m == pytest.approx(0.1)  # the end of the cosine
     assert [g["lr"] for g in groups] == pytest.approx([g["initial_lr"] * m for g in groups])
     assert groups[1]["initial_lr"] == pytest.approx(1e-3)  # added at lr_ratio × lr
+
+
+# --- wired into the run (transfer_lab.run.target_stage) -------------------------------------------
+def test_run_tests_the_best_val_checkpoint_and_records_selection_and_convergence(tmp_path, monkeypatch):
+    """One batch per epoch and validation every 3 steps (an int interval larger than an epoch's
+    batches); best_val tests best.ckpt, results.json holds the step chosen and its val/acc, which
+    is also what optimized_metric hands a sweeper; then resume state is gone."""
+    import csv
+
+    from conftest import compose_cfg
+    from transfer_lab.run import run
+    from transfer_lab.train import objective
+
+    tested_on = []
+    original = L.Trainer.test
+
+    def spy(self, *args, **kwargs):
+        tested_on.append(kwargs.get("ckpt_path"))
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(L.Trainer, "test", spy)
+    cfg = compose_cfg("strategy=scratch", "target.steps=12", "target.val_check_interval=3",
+                      "target.data.batch_size=1000", "target.select=best_val", "optimized_metric=val/acc",
+                      "scheduler@target.scheduler=cosine", store=tmp_path / "store")
+    res = run(cfg, tmp_path / "cell")
+    sel = res["selection"]
+    assert tested_on[-1].endswith("best.ckpt") and sel["select"] == "best_val" and sel["monitor"] == "val/acc"
+    with open(tmp_path / "cell" / "target" / "metrics.csv") as f:
+        logged = {int(r["step"]) + 1: float(r["val/acc"]) for r in csv.DictReader(f) if r.get("val/acc")}
+    assert sorted(logged) == [3, 6, 9, 12] and res["target_training"]["epochs"] == 12
+    assert sel["step"] in logged and sel["value"] == pytest.approx(max(logged.values()))
+    assert logged[sel["step"]] == pytest.approx(sel["value"])
+    assert objective(cfg, res) == res["metrics"]["val/acc"] == sel["value"]
+    assert res["convergence"]["n_evals"] == 4 and isinstance(res["convergence"]["converged"], bool)
+    assert not (tmp_path / "cell" / "checkpoints").exists()
+
+
+def test_a_three_step_run_is_not_converged_and_last_tests_the_final_weights(tmp_path):
+    from conftest import compose_cfg
+    from transfer_lab.run import run
+
+    res = run(compose_cfg("strategy=scratch", "target.steps=3", "target.val_check_interval=1",
+                          store=tmp_path / "store"), tmp_path / "cell")
+    assert res["convergence"]["converged"] is False and "too few" in res["convergence"]["reason"]
+    assert res["selection"] == {"select": "last", "monitor": "val/acc", "mode": "max", "step": 3,
+                                "value": res["metrics"]["val/acc"]}
+
+
+@pytest.mark.parametrize("override, culprit", [
+    ("target.early_stopping={patience:0}", "target.early_stopping"),
+    ("target.monitor=test/acc", "target.monitor='test/acc'"),
+    ("+target.early_stopping.patiense=3", "target.early_stopping.patiense"),
+])
+def test_bad_selection_settings_fail_before_training(tmp_path, override, culprit):
+    from conftest import compose_cfg
+    from transfer_lab.run import run
+
+    with pytest.raises(ConfigError, match=culprit.replace(".", r"\.")):
+        run(compose_cfg("strategy=finetune", override, store=tmp_path / "store"), tmp_path / "cell")
+    assert not (tmp_path / "store").exists()
