@@ -1,0 +1,103 @@
+"""K seeds trained as one vectorised model equal K separate ``TransferModule`` runs, seed by seed.
+
+The reference is the real path (``TransferModule`` on a Lightning ``Trainer``, as ``run.py``
+trains a cell); each seed has its own source, labelled subset, initialisation and batch order.
+Local helpers (``cell``, ``separate``, ``vectorised``) live here, not in conftest.py.
+"""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
+
+from transfer_lab.data import SyntheticData
+from transfer_lab.models.backbones import convnet, mlp
+from transfer_lab.module import TransferModule
+from transfer_lab.vectorized import NotVectorisable, fit_seeds, vectorizable
+
+CONF = Path(__file__).resolve().parents[1] / "conf" / "strategy"
+STRATEGIES = sorted(p.stem for p in CONF.glob("*.yaml"))
+SEEDS = (0, 1, 2)
+EPOCHS = 6  # 3 batches per epoch: 18 optimizer steps
+ATOL = 1e-5
+
+
+def strategy_of(name: str, **over):
+    cfg = OmegaConf.load(CONF / f"{name}.yaml")
+    return instantiate(OmegaConf.merge(cfg, over))
+
+
+def tiny_model(arch: str, num_classes: int = 4):
+    if arch == "mlp":  # BatchNorm1d: per-seed statistics under vmap
+        return mlp(1, 8, num_classes, hidden=(16, 12), batch_norm=True)
+    return convnet(1, 8, num_classes, channels=(4, 6))
+
+
+def cell(name: str, seed: int, arch: str = "cnn", **over):
+    """One seed's (strategy, built model, target data): its own source init, subset and order."""
+    strategy = strategy_of(name, **over)
+    dm = SyntheticData(num_classes=4, shape=(1, 8, 8), n_train=12, n_test=10, batch_size=16,
+                       eval_batch_size=16, seed=seed).prepare()
+    L.seed_everything(1000 + seed, verbose=False)
+    source = tiny_model(arch) if strategy.needs_source else None
+    L.seed_everything(seed, verbose=False)
+    return strategy, strategy.build(source, tiny_model(arch)), dm
+
+
+def trainer(**kw) -> L.Trainer:
+    return L.Trainer(max_epochs=EPOCHS, accelerator="cpu", devices=1, logger=False,
+                     enable_checkpointing=False, enable_progress_bar=False,
+                     enable_model_summary=False, num_sanity_val_steps=0, **kw)
+
+
+OPT = functools.partial(torch.optim.Adam, lr=0.01)
+
+
+def separate(name: str, seed: int, arch: str = "cnn", trainer_kw=None, **over):
+    """The reference: one seed on ``TransferModule``, as run.py trains a cell."""
+    strategy, model, dm = cell(name, seed, arch, **over)
+    module = TransferModule(model, strategy, OPT, lr=0.01, num_classes=dm.num_classes,
+                            class_weights=dm.class_weights)
+    t = trainer(**(trainer_kw or {}))
+    t.fit(module, datamodule=strategy.datamodule(dm, None))
+    fitted = {k: float(v) for k, v in t.callback_metrics.items() if k.startswith(("val/", "train/"))}
+    tested = t.test(module, datamodule=dm, verbose=False)[0]
+    return model, {**fitted, **{k: float(v) for k, v in tested.items()}}, module.test_per_class
+
+
+def vectorised(name: str, arch: str = "cnn", trainer_kw=None, **over):
+    strategies, models, dms = zip(*(cell(name, s, arch, **over) for s in SEEDS))
+    return fit_seeds(list(models), list(strategies), list(dms), OPT, 0.01, trainer(**(trainer_kw or {})))
+
+
+def assert_same(name, results, arch="cnn", trainer_kw=None, **over):
+    for seed, res in zip(SEEDS, results):
+        model, metrics, per_class = separate(name, seed, arch, trainer_kw, **over)
+        want, got = model.state_dict(), res.model.state_dict()
+        assert want.keys() == got.keys()
+        for k in want:
+            assert torch.allclose(want[k].double(), got[k].double(), atol=ATOL), f"seed {seed}: {k}"
+        assert metrics.keys() == res.metrics.keys(), f"seed {seed}"
+        for k, v in metrics.items():
+            assert res.metrics[k] == pytest.approx(v, abs=ATOL), f"seed {seed}: {k}"
+        assert res.per_class == pytest.approx(per_class, abs=ATOL)
+
+
+VECTORISED = [n for n in STRATEGIES if vectorizable(strategy_of(n))[0]]
+
+
+def test_the_issue_s_strategies_are_vectorised():
+    assert {"scratch", "finetune", "linear_probe", "partial", "discriminative", "l2sp", "adapter",
+            "lora", "distill"} <= set(VECTORISED)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", VECTORISED)
+def test_k_vectorised_seeds_equal_k_separate_runs(name):
+    assert_same(name, vectorised(name))
