@@ -44,7 +44,8 @@ def check_group(strategies: list[Strategy], dms: list[TransferDataModule],
 def fit_seeds(models: list[nn.Module], strategies: list[Strategy], dms: list[TransferDataModule],
               optimizer: Callable[..., torch.optim.Optimizer], lr: float, trainer: L.Trainer,
               scheduler: str = "none", test: bool = True,
-              source_dms: list[TransferDataModule | None] | None = None) -> list[SeedResult]:
+              source_dms: list[TransferDataModule | None] | None = None,
+              ckpt_path: str | None = None) -> list[SeedResult]:
     """Fit (and test) K seeds as one ``VectorizedModule`` on ``trainer``; returns per-seed results.
 
     ``models[k]`` is ``strategies[k].build(source_k, target_k)`` of seed k, ``dms[k]`` its target
@@ -60,7 +61,7 @@ def fit_seeds(models: list[nn.Module], strategies: list[Strategy], dms: list[Tra
     data = StackedDataModule(dms)
     module = VectorizedModule(models, strategies, optimizer, lr, dms[0].num_classes,
                               class_weights=[dm.class_weights for dm in dms], scheduler=scheduler)
-    trainer.fit(module, datamodule=data)
+    trainer.fit(module, datamodule=data, ckpt_path=ckpt_path)
     if test:
         trainer.test(module, datamodule=data, verbose=False)
     module.unstack()
