@@ -19,7 +19,7 @@ from omegaconf import OmegaConf
 from transfer_lab.data import SyntheticData
 from transfer_lab.models.backbones import convnet, mlp
 from transfer_lab.module import TransferModule
-from transfer_lab.vectorized import NotVectorisable, fit_seeds, vectorizable
+from transfer_lab.vectorized import NotVectorisable, check_group, fit_seeds, vectorizable
 
 CONF = Path(__file__).resolve().parents[1] / "conf" / "strategy"
 STRATEGIES = sorted(p.stem for p in CONF.glob("*.yaml"))
@@ -46,6 +46,9 @@ def cell(name: str, seed: int, arch: str = "cnn", **over):
                        eval_batch_size=16, seed=seed).prepare()
     L.seed_everything(1000 + seed, verbose=False)
     source = tiny_model(arch) if strategy.needs_source else None
+    if source is not None:  # seed-specific BatchNorm statistics, as a trained source has
+        with torch.no_grad():
+            source.train()(torch.randn(8, 1, 8, 8))
     L.seed_everything(seed, verbose=False)
     return strategy, strategy.build(source, tiny_model(arch)), dm
 
@@ -101,3 +104,60 @@ def test_the_issue_s_strategies_are_vectorised():
 @pytest.mark.parametrize("name", VECTORISED)
 def test_k_vectorised_seeds_equal_k_separate_runs(name):
     assert_same(name, vectorised(name))
+
+
+@pytest.mark.slow
+def test_per_seed_gradient_clipping_equals_separate_clipping():
+    # a small norm: every step clips, and each seed by its own norm (a global norm over the K
+    # seeds would scale them all alike and fail here)
+    kw = {"gradient_clip_val": 0.05}
+    assert_same("finetune", vectorised("finetune", trainer_kw=kw), trainer_kw=kw)
+
+
+@pytest.mark.slow
+def test_mlp_with_batchnorm1d_and_sgd_momentum_equals_separate_runs():
+    global OPT
+    saved, OPT = OPT, functools.partial(torch.optim.SGD, lr=0.05, momentum=0.9, weight_decay=1e-3)
+    try:
+        assert_same("partial", vectorised("partial", arch="mlp", freeze_transferred=False), arch="mlp",
+                    freeze_transferred=False)
+    finally:
+        OPT = saved
+
+
+def test_frozen_batchnorm_statistics_stay_put_per_seed():
+    strategies, models, dms = zip(*(cell("linear_probe", s) for s in SEEDS))
+    before = [{k: v.clone() for k, v in m.state_dict().items() if "running" in k} for m in models]
+    fit_seeds(list(models), list(strategies), list(dms), OPT, 0.01, trainer(max_steps=2))
+    for b, m in zip(before, models):
+        assert b and all(torch.equal(v, m.state_dict()[k]) for k, v in b.items())
+    # the seeds' statistics differ (each its own source), so a mix-up would show
+    assert not torch.equal(before[0]["backbone.conv1.1.running_mean"], before[1]["backbone.conv1.1.running_mean"])
+
+
+@pytest.mark.parametrize("name", sorted(set(STRATEGIES) - set(VECTORISED)))
+def test_other_strategies_say_why_and_refuse(name):
+    strategy = strategy_of(name)
+    ok, why = vectorizable(strategy)
+    assert not ok and type(strategy).__name__ in why
+    with pytest.raises(NotVectorisable) as e:
+        check_group([strategy, strategy], [None, None])
+    assert str(e.value) == why
+
+
+def test_distill_with_hints_is_not_vectorised():
+    ok, why = vectorizable(strategy_of("distill", hints=[["backbone.conv1", "backbone.conv1"]]))
+    assert not ok and "hints" in why
+
+
+def test_non_elementwise_optimizer_is_not_vectorised():
+    assert not vectorizable(strategy_of("finetune"), torch.optim.LBFGS)[0]
+    assert vectorizable(strategy_of("finetune"), "torch.optim.AdamW")[0]
+
+
+def test_unequal_training_sets_refuse_before_training():
+    strategies, models, dms = zip(*(cell("finetune", s) for s in SEEDS[:2]))
+    small = SyntheticData(num_classes=4, shape=(1, 8, 8), n_train=12, n_test=10, batch_size=16,
+                          samples_per_class=5, seed=1).prepare()
+    with pytest.raises(NotVectorisable, match="differ"):
+        fit_seeds(list(models), list(strategies), [dms[0], small], OPT, 0.01, trainer())

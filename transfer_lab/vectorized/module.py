@@ -103,11 +103,16 @@ class VectorizedModule(L.LightningModule):
         return vmap(lambda p, xk: functional_call(self.template, p, (xk,)),
                     randomness="different")(self.stacked.tensors(), x)
 
+    def on_fit_start(self) -> None:
+        # Lightning 2.x never calls ``train()`` during fit: each module keeps the mode it was built
+        # with, and the evaluation loop restores those modes afterwards. The template is not a
+        # registered submodule, so its modes are captured here and restored after evaluation.
+        self._modes = {n: m.training for n, m in self.template.named_modules()}
+
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
-        # Lightning restores the training mode of registered submodules after validation; the
-        # template is not one of them
         if not self.template.training:
-            self.train(True)
+            for n, m in self.template.named_modules():
+                m.training = self._modes[n]
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         x, y = batch
