@@ -8,7 +8,8 @@ Hydra's and the entry point's. A group that cannot be vectorised (strategy, devi
 ``vectorize_seeds=false``) or fails trains nothing here: its cells run one at a time as always.
 """
 
-from __future__ import annotations
+# no ``from __future__ import annotations``: Hydra execs plugin modules outside sys.modules,
+# where dataclasses cannot resolve string annotations
 
 import copy
 import hashlib
@@ -52,7 +53,7 @@ class VectorizedLauncher(BasicLauncher):
                 self._train_group(members)
         return super().launch(job_overrides, initial_job_idx)
 
-    def cell(self, idx: int, overrides: list[str]) -> tuple[DictConfig, str, dict]:
+    def cell(self, idx: int, overrides: list[str]) -> "tuple[DictConfig, str, dict]":
         """A job's task config, output directory and choices, as ``run_job`` would make them."""
         sweep_config = self.hydra_context.config_loader.load_sweep_config(self.config, overrides)
         with open_dict(sweep_config):
