@@ -11,6 +11,7 @@ import functools
 from pathlib import Path
 
 import lightning as L
+from lightning.pytorch.callbacks import ModelCheckpoint
 import pytest
 import torch
 from hydra.utils import instantiate
@@ -54,9 +55,9 @@ def cell(name: str, seed: int, arch: str = "cnn", **over):
 
 
 def trainer(**kw) -> L.Trainer:
-    return L.Trainer(max_epochs=EPOCHS, accelerator="cpu", devices=1, logger=False,
-                     enable_checkpointing=False, enable_progress_bar=False,
-                     enable_model_summary=False, num_sanity_val_steps=0, **kw)
+    return L.Trainer(**{"max_epochs": EPOCHS, "accelerator": "cpu", "devices": 1, "logger": False,
+                        "enable_checkpointing": False, "enable_progress_bar": False,
+                        "enable_model_summary": False, "num_sanity_val_steps": 0, **kw})
 
 
 OPT = functools.partial(torch.optim.Adam, lr=0.01)
@@ -161,3 +162,21 @@ def test_unequal_training_sets_refuse_before_training():
                           samples_per_class=5, seed=1).prepare()
     with pytest.raises(NotVectorisable, match="differ"):
         fit_seeds(list(models), list(strategies), [dms[0], small], OPT, 0.01, trainer())
+
+
+@pytest.mark.slow
+def test_a_group_resumed_from_its_checkpoint_equals_an_uninterrupted_one(tmp_path):
+    def fit(**kw):
+        strategies, models, dms = zip(*(cell("finetune", s) for s in SEEDS[:2]))
+        ckpt = kw.pop("ckpt_path", None)
+        fit_seeds(list(models), list(strategies), list(dms), OPT, 0.01, trainer(**kw), ckpt_path=ckpt)
+        return models
+
+    last = ModelCheckpoint(dirpath=tmp_path, filename="last", save_top_k=1, monitor=None,
+                           enable_version_counter=False)
+    fit(max_epochs=2, callbacks=[last], enable_checkpointing=True)
+    resumed = fit(max_epochs=4, ckpt_path=str(tmp_path / "last.ckpt"))
+    straight = fit(max_epochs=4)
+    for r, s in zip(resumed, straight):
+        for k, v in s.state_dict().items():
+            assert torch.allclose(r.state_dict()[k].double(), v.double(), atol=1e-6), k
