@@ -180,3 +180,18 @@ def test_a_group_resumed_from_its_checkpoint_equals_an_uninterrupted_one(tmp_pat
     for r, s in zip(resumed, straight):
         for k, v in s.state_dict().items():
             assert torch.allclose(r.state_dict()[k].double(), v.double(), atol=1e-6), k
+
+
+@pytest.mark.slow
+def test_bench_throughput_reports_both_sides_per_k():
+    from transfer_lab.vectorized.bench import seeds_throughput
+
+    def data(seed):
+        return SyntheticData(num_classes=4, shape=(1, 8, 8), n_train=8, n_test=4, batch_size=8,
+                             val_fraction=0.0, seed=seed).prepare()
+
+    out = seeds_throughput("mlp", ks=(1, 2), epochs=1, repeats=1, data=data)
+    assert sorted(out) == [1, 2]
+    for r in out.values():
+        assert r["vectorised_ips"] > 0 and r["separate_ips"] > 0
+        assert r["speedup"] == pytest.approx(r["vectorised_ips"] / r["separate_ips"], rel=0.01)
