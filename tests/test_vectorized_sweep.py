@@ -33,6 +33,7 @@ def test_group_key_ignores_only_the_seed():
     (["strategy=finetune", "++vectorize_seeds=false"], False),
     (["strategy=finetune", "trainer.devices=2", "trainer.strategy=ddp"], False),
     (["strategy=finetune", "optimizer@target.optimizer=sgd"], True),
+    (["strategy=finetune", "trainer=fast"], False),
 ])
 def test_cheap_check_decides_from_the_config_alone(overrides, ok):
     got, why = cheap_check(compose_cfg(*overrides))

@@ -49,6 +49,8 @@ def cheap_check(cfg: DictConfig) -> tuple[bool, str]:
     if (isinstance(devices, int) and devices > 1) or (isinstance(devices, list) and len(devices) > 1) \
             or "ddp" in str(trainer.get("strategy")) or int(trainer.get("num_nodes", 1) or 1) > 1:
         return False, "multi-device training (DDP)"
+    if trainer.get("callbacks") or (cfg.target.get("trainer") or {}).get("callbacks"):
+        return False, "trainer callbacks (e.g. trainer=fast's compile/channels-last) act on one model"
     try:
         strategy = instantiate(cfg.strategy)
     except Exception as e:  # noqa: BLE001 — a broken strategy config fails in its own cell, loudly
