@@ -26,6 +26,7 @@ from transfer_lab.strategies.linear_probe import LinearProbe
 from transfer_lab.strategies.lora import LoRA
 from transfer_lab.strategies.partial import Partial
 from transfer_lab.strategies.scratch import Scratch
+from transfer_lab.strategies.weight_transfer import WeightTransfer
 
 # optimizers whose update of a tensor element reads only that element's gradient and state:
 # K stacked models under one of them are K independent trainings
@@ -37,13 +38,13 @@ NOT_VECTORISABLE = {
     "Multitask": "trains on two streams (target and source batches) with two heads",
     "GradualUnfreeze": "its callback changes requires_grad during training; stacked parameters "
                        "are fixed at the start",
-    "SourceOnly": "does not train on the target",
-    "WeightTransfer": "source and target architectures differ per design; not covered yet",
+    "SourceOnly": "trains on a paired source/target data module (DomainData), not the target's",
 }
 
 
 class SeedTerms:
-    """The task loss alone (scratch, finetune, linear_probe, partial, discriminative, adapter, lora).
+    """The task loss alone (scratch, finetune, linear_probe, partial, discriminative, adapter, lora,
+    weight_transfer: strategies that only build, freeze and group).
 
     Override ``aux`` to give K-stacked tensors a seed's terms need, and ``terms`` to compute the
     named terms of one seed from its parameters (inside ``vmap``: no batch-of-K dimension).
@@ -122,7 +123,8 @@ class DistillTerms(SeedTerms):
 
 TERMS: dict[type, type[SeedTerms]] = {
     Scratch: SeedTerms, Finetune: SeedTerms, LinearProbe: SeedTerms, Partial: SeedTerms,
-    Discriminative: SeedTerms, Adapter: SeedTerms, LoRA: SeedTerms, L2SP: L2SPTerms,
+    Discriminative: SeedTerms, Adapter: SeedTerms, LoRA: SeedTerms, WeightTransfer: SeedTerms,
+    L2SP: L2SPTerms,
     Distill: DistillTerms,
 }
 
