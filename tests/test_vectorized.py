@@ -27,6 +27,7 @@ STRATEGIES = sorted(p.stem for p in CONF.glob("*.yaml"))
 SEEDS = (0, 1, 2)
 EPOCHS = 6  # 3 batches per epoch: 18 optimizer steps
 ATOL = 1e-5
+DATA: dict = {}  # extra SyntheticData arguments (tests set them with monkeypatch)
 
 
 def strategy_of(name: str, **over):
@@ -44,7 +45,7 @@ def cell(name: str, seed: int, arch: str = "cnn", **over):
     """One seed's (strategy, built model, target data): its own source init, subset and order."""
     strategy = strategy_of(name, **over)
     dm = SyntheticData(num_classes=4, shape=(1, 8, 8), n_train=12, n_test=10, batch_size=16,
-                       eval_batch_size=16, seed=seed).prepare()
+                       eval_batch_size=16, seed=seed, **DATA).prepare()
     L.seed_everything(1000 + seed, verbose=False)
     source = tiny_model(arch) if strategy.needs_source else None
     if source is not None:  # seed-specific BatchNorm statistics, as a trained source has
@@ -195,3 +196,22 @@ def test_bench_throughput_reports_both_sides_per_k():
     for r in out.values():
         assert r["vectorised_ips"] > 0 and r["separate_ips"] > 0
         assert r["speedup"] == pytest.approx(r["vectorised_ips"] / r["separate_ips"], rel=0.01)
+
+
+@pytest.mark.slow
+def test_class_weighted_loss_per_seed_equals_separate_runs(monkeypatch):
+    monkeypatch.setitem(DATA, "imbalance_ratio", 3.0)
+    monkeypatch.setitem(DATA, "imbalance_remedy", "reweight")
+    assert cell("finetune", 0)[2].class_weights is not None
+    assert_same("finetune", vectorised("finetune"))
+
+
+def test_one_lightning_step_trains_every_seed():
+    strategies, models, dms = zip(*(cell("scratch", s) for s in SEEDS))
+    before = [{k: v.clone() for k, v in m.state_dict().items()} for m in models]
+    t = trainer(max_steps=1, limit_val_batches=0)
+    fit_seeds(list(models), list(strategies), list(dms), OPT, 0.01, t, test=False)
+    assert t.global_step == 1
+    for b, m in zip(before, models):
+        assert m.state_dict()["backbone.conv1.1.num_batches_tracked"] == 1
+        assert not torch.equal(b["head.weight"], m.state_dict()["head.weight"])
