@@ -38,6 +38,8 @@ def strategy_of(name: str, **over):
 def tiny_model(arch: str, num_classes: int = 4):
     if arch == "mlp":  # BatchNorm1d: per-seed statistics under vmap
         return mlp(1, 8, num_classes, hidden=(16, 12), batch_norm=True)
+    if arch == "mlp_dropout":
+        return mlp(1, 8, num_classes, hidden=(16,), dropout=0.5)
     return convnet(1, 8, num_classes, channels=(4, 6))
 
 
@@ -215,3 +217,12 @@ def test_one_lightning_step_trains_every_seed():
     for b, m in zip(before, models):
         assert m.state_dict()["backbone.conv1.1.num_batches_tracked"] == 1
         assert not torch.equal(b["head.weight"], m.state_dict()["head.weight"])
+
+
+def test_dropout_draws_are_each_seed_s_own():
+    # two identical seeds (same init, data and order): only the dropout masks can tell them apart
+    strategies, models, dms = zip(*(cell("scratch", 0, "mlp_dropout") for _ in range(2)))
+    assert torch.equal(models[0].head.weight, models[1].head.weight)
+    fit_seeds(list(models), list(strategies), list(dms), OPT, 0.01,
+              trainer(max_steps=2, limit_val_batches=0), test=False)
+    assert not torch.equal(models[0].head.weight, models[1].head.weight)
