@@ -106,6 +106,11 @@ class TransferModule(L.LightningModule):
             hold_frozen_in_eval(self.model, self.strategy.train_bn)
         return self
 
+    def on_train_start(self) -> None:
+        # Lightning 2.6 never calls ``train()`` in fit: it keeps the modes the modules have
+        # (``freeze`` left frozen parts in eval, BatchNorm included, whatever ``train_bn`` says).
+        self.train()
+
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         step = self.strategy.loss(self.model, batch, self.task_loss)
         if not step.terms:
@@ -123,6 +128,9 @@ class TransferModule(L.LightningModule):
         return loss
 
     def on_train_epoch_start(self) -> None:
+        # runs after the callbacks' hook: a block a schedule just unfroze trains in training mode.
+        # Validation loops capture and restore these modes, so they hold until the next epoch.
+        self.train()
         self._sums, self._loss_count = {}, 0
         # Lightning sets the epoch only on a loader's ``.sampler``; our in-memory loaders shuffle
         # by their own epoch counter, which a resumed run would restart at 0 (replaying epoch 0's
