@@ -30,7 +30,7 @@ def test_non_converged_cells_are_marked_and_listed(tmp_path):
     md = res["markdown"]
     assert "| scratch | 10 | 0.5000 ± 0.0000 † |" in md and "| finetune | 10 | 0.7000 ± 0.0000 |" in md
     # the finetune pair leans on a non-converged scratch cell: marked too
-    assert "+0.2000 ± 0.0000 significant † | 3/3 |" in md
+    assert "+0.2000 ± 0.0000 not significant: n too small for p < 0.05 † | 3/3 |" in md
     footnote = md.split("† Not converged (1 cell):")[1]
     assert f"- `{tmp_path / 's2'}` (scratch, seed 2): val_change=0.0310, loss_change=-0.2000" in footnote
     csv = pd.read_csv(tmp_path / "report" / "report.csv").set_index("strategy")
@@ -52,7 +52,7 @@ def write_pairs(root, budget, diffs, scratch_base=0.5):
 
 def test_paired_statistics_pair_by_seed_within_each_budget(tmp_path):
     write_pairs(tmp_path, 10, DIFFS)
-    write_pairs(tmp_path, 50, [0.1, 0.12, 0.08], scratch_base=0.7)  # CI [.050, .150]: significant
+    write_pairs(tmp_path, 50, [0.1, 0.12, 0.08], scratch_base=0.7)  # CI [.050, .150] excludes 0, p .25
     fake_result(tmp_path / "f10_9", "finetune", 9, 0.99, 10)  # no scratch seed 9: unpaired
     res = report(tmp_path, plot=False)
     t = res["table"].set_index(["strategy", "target.data.samples_per_class"])
@@ -62,11 +62,12 @@ def test_paired_statistics_pair_by_seed_within_each_budget(tmp_path):
     assert b10["paired_diff_ci95"] == pytest.approx(3.182446 * math.sqrt(0.0007) / 2, rel=1e-5)
     assert b10["p_value"] == pytest.approx(0.25) and not b10["significant"]
     assert (b50["n_pairs"], b50["wins"]) == (3, 3) and b50["paired_diff_mean"] == pytest.approx(0.1)
-    assert b50["significant"] and b50["p_value"] == pytest.approx(0.25)
+    assert not b50["significant"] and b50["p_value"] == pytest.approx(0.25)  # the CI alone is not enough
     assert t.loc[("scratch", 10), "n_pairs"] == 0  # the baseline is not paired with itself
     md = res["markdown"]
-    assert "| +0.0250 ± 0.0421 not significant | 3/4 | 0.2500 |" in md
-    assert "| +0.1000 ± 0.0497 significant | 3/3 | 0.2500 |" in md
+    assert "| +0.0250 ± 0.0421 not significant: n too small for p < 0.05 | 3/4 | 0.2500 |" in md
+    assert "| +0.1000 ± 0.0497 not significant: n too small for p < 0.05 | 3/3 | 0.2500 |" in md
+    assert "significant |" not in md.replace("not significant", "")  # never beside p = 0.25
     assert "two-sided Wilcoxon signed-rank test (scipy), exact p-value" in md
     assert "here the fewest pairs is 3 (smallest possible p 0.25)" in md
     csv = pd.read_csv(tmp_path / "report" / "report.csv")
