@@ -1,8 +1,10 @@
 """The report under the comparison protocol (issue 14): convergence marks, paired statistics per
 context, ``--baseline``, comparison.json, effective labels; grouping that ignores NON_RESULT_KEYS."""
 
+import ast
 import json
 import math
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -172,3 +174,41 @@ def test_no_effective_labels_below_three_scratch_budgets(tmp_path):
     write_pairs(tmp_path, 10, [0.1])
     res = report(tmp_path, plot=False)
     assert res["effective"] is None and "Effective labels" not in res["markdown"]
+
+
+def test_the_baseline_fallback_ignores_only_source_keys(tmp_path):
+    """Scratch trains no source, so a group with another source model still pairs with it; any
+    other difference (here a top-level ``precision`` key) must not be absorbed into the gain."""
+    runs = {"f32c": ("convnet", "32", 0.1), "f32l": ("lenet", "32", 0.05),
+            "f16l": ("lenet", "bf16-mixed", 0.2)}  # finetune: source model, precision, gain
+    for budget, acc in ((5, 0.5), (10, 0.6), (20, 0.7)):
+        for seed in (0, 1, 2):
+            run = {"seed": seed, "budget": budget}
+            fake_result(tmp_path / f"s{budget}_{seed}", "scratch", acc=acc + 0.01 * seed,
+                        config={"precision": "32"}, **run)  # scratch: convnet, 32 only
+            for name, (model, precision, gain) in runs.items():
+                fake_result(tmp_path / f"{name}{budget}_{seed}", "finetune", acc=acc + gain + 0.01 * seed,
+                            model=model, config={"precision": precision}, **run)
+    res = report(tmp_path, plot=False)
+    assert {"source.model", "precision"} <= set(res["keys"])
+    t = res["table"]
+    t = t[t["strategy"] == "finetune"].set_index(["source.model", "precision", "target.data.samples_per_class"])
+    for budget in (5, 10, 20):
+        for model, precision, gain in runs.values():
+            row = t.loc[(model, precision, budget)]
+            if precision == "32":  # the same context, or only the source differs: paired
+                assert row["n_pairs"] == 3 and row["paired_diff_mean"] == pytest.approx(gain)
+                assert row["gain_vs_scratch"] == pytest.approx(gain)
+            else:  # no bf16 scratch: nothing to compare with
+                assert row["n_pairs"] == 0 and math.isnan(row["gain_vs_scratch"])
+    assert set(res["effective"]["precision"]) == {"32"} and len(res["effective"]) == 6
+
+
+def test_the_budget_key_is_defined_once():
+    """One ``BUDGET`` (analysis/collect.py), imported wherever the report needs it."""
+    root = Path(__file__).resolve().parents[1] / "transfer_lab"
+    defined = sorted(str(p.relative_to(root)) for p in root.rglob("*.py")
+                     for node in ast.parse(p.read_text()).body
+                     if isinstance(node, ast.Assign)
+                     and any(getattr(t, "id", None) == "BUDGET" for t in node.targets))
+    assert defined == ["analysis/collect.py"]

@@ -10,10 +10,10 @@ import pandas as pd
 
 from transfer_lab.analysis.aggregate import fmt, pm
 from transfer_lab.analysis.breakdowns import SCORES
+from transfer_lab.analysis.collect import BUDGET
 from transfer_lab.analysis.effective_labels import describe_effective
 from transfer_lab.analysis.paired import verdict
 
-BUDGET = "target.data.samples_per_class"
 MARK = "†"  # a group holding cells that did not converge
 UNCONVERGED = ("partial", "none")
 

@@ -23,8 +23,6 @@ import pandas as pd
 from scipy import stats
 
 from transfer_lab.analysis.aggregate import ci95, finite
-
-BUDGET = "k:target.data.samples_per_class"
 ALPHA = 0.05  # significance level of the paired verdict
 
 
@@ -76,14 +74,24 @@ def verdict(row: pd.Series | dict) -> str:
     return "not significant"
 
 
+def baseline_contexts(keys: Sequence[str]) -> list[list[str]]:
+    """The keys a baseline group must share with a row, strictest first: every non-strategy key;
+    then, as the baseline may ignore source settings (scratch trains no source), every key but
+    the ``source.*`` ones. Anything else (precision, a preset's top-level key) must always match.
+    Keys may carry the report table's ``k:`` prefix."""
+    def name(k: str) -> str:
+        return k[2:] if k.startswith("k:") else k
+
+    other = [k for k in keys if name(k) != "strategy" and not name(k).startswith("strategy.")]
+    return [other, [k for k in other if name(k) != "source" and not name(k).startswith("source.")]]
+
+
 def match_baseline(table: pd.DataFrame, row: pd.Series, keys: Sequence[str],
                    baseline: str) -> pd.Series | None:
-    """The baseline group of ``table`` in ``row``'s context: same non-strategy keys, else (the
-    baseline ignores source settings, e.g. scratch) the same target-side keys. None: no unique one."""
-    other = [k for k in keys if k != "k:strategy" and not k.startswith("k:strategy.")]
-    target_side = [k for k in other if k.startswith(("k:target", BUDGET))]
+    """The baseline group of ``table`` in ``row``'s context (``baseline_contexts``). None: no
+    unique one."""
     base = table[table["k:strategy"] == baseline]
-    for match in (other, target_side):
+    for match in baseline_contexts(keys):
         s = base
         for k in match:
             s = s[s[k].astype(str) == str(row[k])]
