@@ -100,16 +100,12 @@ class TransferModule(L.LightningModule):
 
     def train(self, mode: bool = True) -> TransferModule:
         """Keep fully frozen parts in eval mode: BatchNorm statistics do not drift (unless the
-        strategy's ``train_bn``) and Dropout does not mask features of a fixed extractor."""
+        strategy's ``train_bn``) and Dropout does not mask features of a fixed extractor.
+        ``on_train_epoch_start`` calls it: Lightning itself does not during fit."""
         super().train(mode)
         if mode:
             hold_frozen_in_eval(self.model, self.strategy.train_bn)
         return self
-
-    def on_train_start(self) -> None:
-        # Lightning 2.6 never calls ``train()`` in fit: it keeps the modes the modules have
-        # (``freeze`` left frozen parts in eval, BatchNorm included, whatever ``train_bn`` says).
-        self.train()
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         step = self.strategy.loss(self.model, batch, self.task_loss)
@@ -128,8 +124,10 @@ class TransferModule(L.LightningModule):
         return loss
 
     def on_train_epoch_start(self) -> None:
-        # runs after the callbacks' hook: a block a schedule just unfroze trains in training mode.
-        # Validation loops capture and restore these modes, so they hold until the next epoch.
+        # Lightning 2.6 never calls ``train()`` in fit: it keeps the modes the modules have
+        # (``freeze`` left frozen parts in eval, BatchNorm included, whatever ``train_bn`` says).
+        # This hook runs after the callbacks' (a block a schedule just unfroze trains in training
+        # mode); validation loops capture and restore these modes, so they hold all epoch.
         self.train()
         self._sums, self._loss_count = {}, 0
         # Lightning sets the epoch only on a loader's ``.sampler``; our in-memory loaders shuffle
