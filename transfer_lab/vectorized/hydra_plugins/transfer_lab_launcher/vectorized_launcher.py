@@ -16,11 +16,9 @@ import hashlib
 import logging
 from collections import defaultdict
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 from hydra._internal.core_plugins.basic_launcher import BasicLauncher
-from hydra.core.config_store import ConfigStore
 from hydra.core.hydra_config import HydraConfig
 from hydra.core.utils import JobReturn, configure_log, setup_globals
 from omegaconf import DictConfig, OmegaConf, open_dict, read_write
@@ -28,18 +26,9 @@ from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 log = logging.getLogger("transfer_lab")
 
 
-@dataclass
-class VectorizedLauncherConf:
-    _target_: str = "hydra_plugins.transfer_lab_launcher.vectorized_launcher.VectorizedLauncher"
-    #: smallest number of unfinished seeds worth grouping
-    min_group: int = 2
-
-
-ConfigStore.instance().store(group="hydra/launcher", name="vectorized", node=VectorizedLauncherConf,
-                             provider="transfer_lab")
-
-
 class VectorizedLauncher(BasicLauncher):
+    """Its config is ``conf/hydra/launcher/vectorized.yaml`` (``min_group``: fewest seeds grouped)."""
+
     def __init__(self, min_group: int = 2) -> None:
         super().__init__()
         self.min_group = min_group
