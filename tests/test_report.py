@@ -250,7 +250,7 @@ def test_regression_results_get_an_r2_table(tmp_path):
     assert t.loc["finetune", "gain_vs_scratch"] == pytest.approx(0.2)
     assert t.loc["finetune", "source_r2"] == pytest.approx(0.95)
     assert "| finetune | 10 | 0.7500 ± 0.0707 | 2 | 0,1 | ± 0.6353 | 0.5000 | 0.2000 | +0.2000 ± 0.0000 " \
-        "significant | 2/2 | 0.5000 | 0.9500 |" in res["markdown"]
+        "not significant: n too small for p < 0.05 | 2/2 | 0.5000 | 0.9500 |" in res["markdown"]
     assert "| strategy | labels/class | test/r2 mean ± std |" in res["markdown"]
     assert {p.name for p in (tmp_path / "report").iterdir()} == {
         "report.md", "report.csv", "r2_vs_budget.png", "r2_bars_budget_10.png"}

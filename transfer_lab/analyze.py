@@ -61,7 +61,7 @@ def analyze_run(run_dir: str | Path, store: str | None = None, probe: int = 500,
                                        linear_cka, predict, relative_drift)
     from transfer_lab.analysis.plots import save_run_figures
     from transfer_lab.analysis.runs import load_run
-    from transfer_lab.strategies.base import match_modules
+    from transfer_lab.strategies.common import match_modules
 
     run = load_run(run_dir, store)
     dm = run.target_dm
