@@ -102,12 +102,6 @@ class VectorizedModule(L.LightningModule):
         return vmap(lambda p, xk: functional_call(self.template, p, (xk,)),
                     randomness="different")(self.stacked.tensors(), x)
 
-    def on_fit_start(self) -> None:
-        # Lightning 2.x never calls ``train()`` during fit: each module keeps the mode it was built
-        # with, and the evaluation loop restores those modes afterwards. The template is not a
-        # registered submodule, so its modes are captured here and restored after evaluation.
-        self._modes = {n: m.training for n, m in self.template.named_modules()}
-
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         if not self.template.training:
             for n, m in self.template.named_modules():
@@ -133,6 +127,11 @@ class VectorizedModule(L.LightningModule):
         self._sums[name] = value.detach().double() if acc is None else acc + value.detach()
 
     def on_train_epoch_start(self) -> None:
+        # as TransferModule: Lightning 2.6 never calls ``train()`` in fit, so each epoch sets the
+        # frozen parts' modes itself. The template is not a registered submodule, so validation
+        # does not restore its modes: they are kept here and restored per batch.
+        self.train()
+        self._modes = {n: m.training for n, m in self.template.named_modules()}
         self._sums = {}
         loader = self.trainer.train_dataloader
         if hasattr(loader, "set_epoch"):
