@@ -5,8 +5,8 @@ needs the project installed (``pip install -e .``: pyproject maps ``hydra_plugin
 ``transfer_lab/vectorized/``). A checkout on ``PYTHONPATH`` alone, or an install made before the
 mapping existed, has no plugin; Hydra's own message then is "Unknown plugin class". This callback
 runs before Hydra builds the launcher: asked for on the command line, a missing plugin is one line
-and exit code 2; selected by default, the sweep runs with Hydra's basic launcher (one cell at a
-time) and says so once.
+and exit code 2; selected otherwise (a preset, the defaults list), the sweep runs with Hydra's
+basic launcher (one cell at a time) and says so once.
 """
 
 from __future__ import annotations
