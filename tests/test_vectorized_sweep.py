@@ -66,7 +66,7 @@ def sweep(tmp: Path, name: str, *extra: str) -> tuple[str, dict[int, dict], dict
 @pytest.mark.slow
 def test_vectorised_sweep_writes_each_cell_as_the_plain_sweep_does_and_resumes(tmp_path):
     log, vec, dirs = sweep(tmp_path, "vec")
-    assert "as one vectorised model" in log
+    assert "as one vectorised model" in log and "sweep: 3 ok, 0 failed, 0 skipped" in log
     _, plain, plain_dirs = sweep(tmp_path, "plain", "vectorize_seeds=false")
     assert sorted(vec) == sorted(plain) == [0, 1, 2]
     for seed in vec:
@@ -84,6 +84,7 @@ def test_vectorised_sweep_writes_each_cell_as_the_plain_sweep_does_and_resumes(t
     stamps = {s: (d / "results.json").stat().st_mtime_ns for s, d in dirs.items()}
     again, _, _ = sweep(tmp_path, "vec")
     assert "as one vectorised model" not in again and again.count("skipped (done)") == 3
+    assert "sweep: 0 ok, 0 failed, 3 skipped" in again
     assert stamps == {s: (d / "results.json").stat().st_mtime_ns for s, d in dirs.items()}
 
 
