@@ -111,6 +111,12 @@ def test_k_vectorised_seeds_equal_k_separate_runs(name):
 
 
 @pytest.mark.slow
+def test_batchnorm_of_a_frozen_backbone_trains_with_train_bn_as_in_separate_runs():
+    # adapter freezes the backbone; train_bn=True keeps its BatchNorm statistics updating (per seed)
+    assert_same("adapter", vectorised("adapter", train_bn=True), train_bn=True)
+
+
+@pytest.mark.slow
 def test_per_seed_gradient_clipping_equals_separate_clipping():
     # a small norm: every step clips, and each seed by its own norm (a global norm over the K
     # seeds would scale them all alike and fail here)

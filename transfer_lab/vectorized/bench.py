@@ -44,45 +44,49 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def time_vectorised(model: str, dms: list[TransferDataModule], epochs: int, device: str) -> float:
+def time_vectorised(model: str, dms: list[TransferDataModule], epochs: int, device: str,
+                    clock: Callable[[], float] = time.perf_counter) -> float:
     L.seed_everything(0, verbose=False)
     models = [MODELS[model](dm) for dm in dms]
     trainer = _trainer(epochs, device)
-    t0 = time.perf_counter()
+    t0 = clock()
     fit_seeds(models, [Scratch() for _ in dms], dms, partial(torch.optim.Adam, lr=1e-3), 1e-3,
               trainer, test=False)
     _sync(device)
-    return time.perf_counter() - t0
+    return clock() - t0
 
 
-def time_separate(model: str, dms: list[TransferDataModule], epochs: int, device: str) -> float:
+def time_separate(model: str, dms: list[TransferDataModule], epochs: int, device: str,
+                  clock: Callable[[], float] = time.perf_counter) -> float:
     total = 0.0
     for dm in dms:
         L.seed_everything(0, verbose=False)
         module = TransferModule(MODELS[model](dm), Scratch(), partial(torch.optim.Adam, lr=1e-3),
                                 lr=1e-3, num_classes=dm.num_classes)
         trainer = _trainer(epochs, device)
-        t0 = time.perf_counter()
+        t0 = clock()
         trainer.fit(module, datamodule=dm)
         _sync(device)
-        total += time.perf_counter() - t0
+        total += clock() - t0
     return total
 
 
 def seeds_throughput(model: str = "mlp", ks: tuple[int, ...] = (1, 4, 8, 16), epochs: int = 2,
                      device: str = "cpu", repeats: int = 3,
-                     data: Callable[[int], TransferDataModule] = synthetic_mnist) -> dict:
+                     data: Callable[[int], TransferDataModule] = synthetic_mnist,
+                     clock: Callable[[], float] = time.perf_counter) -> dict:
     """``{K: {"vectorised_ips", "separate_ips", "speedup"}}`` (medians over ``repeats``, taken
     alternately so a shared machine's load hits both sides alike). ``data(seed)`` gives seed k's
-    prepared data module (default: MNIST-shaped synthetic images, batch 64)."""
+    prepared data module (default: MNIST-shaped synthetic images, batch 64); ``clock``: wall
+    (``time.perf_counter``) or this process's CPU time (``time.process_time``)."""
     out = {}
     for k in ks:
         dms = [data(seed) for seed in range(k)]
         images = sum(len(dm.y_train) for dm in dms) * epochs
         vec, sep = [], []
         for _ in range(repeats):
-            vec.append(images / time_vectorised(model, dms, epochs, device))
-            sep.append(images / time_separate(model, dms, epochs, device))
+            vec.append(images / time_vectorised(model, dms, epochs, device, clock))
+            sep.append(images / time_separate(model, dms, epochs, device, clock))
         v, s = sorted(vec)[len(vec) // 2], sorted(sep)[len(sep) // 2]
         out[k] = {"vectorised_ips": round(v, 1), "separate_ips": round(s, 1), "speedup": round(v / s, 3)}
     return out

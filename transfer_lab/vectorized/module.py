@@ -21,9 +21,10 @@ from torch.func import functional_call, vmap
 
 from transfer_lab.module import NonFiniteLossError
 from transfer_lab.strategies.base import Strategy
+from transfer_lab.strategies.common import hold_frozen_in_eval
 from transfer_lab.vectorized.data import NotVectorisable
 from transfer_lab.vectorized.stack import Stacked, _mangle
-from transfer_lab.vectorized.terms import seed_terms
+from transfer_lab.vectorized.terms import seed_loss
 
 
 class _Bag(nn.Module):
@@ -62,12 +63,12 @@ class VectorizedModule(L.LightningModule):
         self.models, self.strategies, self.optimizer_factory = models, strategies, optimizer
         self._template = [copy.deepcopy(models[0])]  # a list: not a submodule, its tensors are never used
         self.stacked = Stacked(models)
-        self.terms = seed_terms(strategies, models)
-        self.aux = _Bag(self.terms.aux())
+        self.seed_loss = seed_loss(strategies, models, self.template)
+        self.aux = _Bag(self.seed_loss.aux())
         cws = class_weights or [None] * self.k
         self.register_buffer("class_weights", None if cws[0] is None else torch.stack(cws), persistent=False)
         # dropout/augmentation-like draws: each seed its own (not the separate run's exact draws)
-        self._seed_step = vmap(self._one_seed, in_dims=(0, 0, None if cws[0] is None else 0, 0, 0),
+        self._seed_step = vmap(self._one_seed, in_dims=(0, 0, None if cws[0] is None else 0, 0),
                                randomness="different")
         self.seed_metrics: list[dict[str, float]] = [{} for _ in range(self.k)]
         self.test_per_class: list[list[float] | None] = [None] * self.k
@@ -78,36 +79,28 @@ class VectorizedModule(L.LightningModule):
         return self._template[0]
 
     def train(self, mode: bool = True) -> VectorizedModule:
-        """The template follows; BatchNorm whose parameters are all frozen stays in eval (as
+        """The template follows; fully frozen parts stay in eval (``hold_frozen_in_eval``, as
         ``TransferModule.train``), so a frozen backbone's statistics do not drift."""
         super().train(mode)
         if hasattr(self, "_template"):
             self.template.train(mode)
-            if mode and not self.strategies[0].train_bn:
-                for m in self.template.modules():
-                    if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                        ps = list(m.parameters())
-                        if ps and not any(p.requires_grad for p in ps):
-                            m.eval()
+            if mode:
+                hold_frozen_in_eval(self.template, self.strategies[0].train_bn)
         return self
 
     # --- training ---------------------------------------------------------------------------
-    def _one_seed(self, params, aux, class_weights, x, y):
-        logits = functional_call(self.template, params, (x,))
-        terms = self.terms.terms(params, aux, x, y, logits, class_weights)
-        loss = sum(w * terms[n] for n, w in self.terms.weights().items())
-        return loss, logits, terms
+    def _one_seed(self, params, aux, class_weights, batch):
+        def task_loss(outputs: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+            return F.cross_entropy(outputs, y, weight=class_weights)
+
+        step = self.seed_loss.loss(params, aux, batch, task_loss)
+        # summed as TransferModule sums them (same order, same start), so the slice is exact
+        return sum(step.terms.values()), step.outputs, step.target, step.terms
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """K×B×… inputs → K×B×classes logits (seed k's model on slice k)."""
         return vmap(lambda p, xk: functional_call(self.template, p, (xk,)),
                     randomness="different")(self.stacked.tensors(), x)
-
-    def on_fit_start(self) -> None:
-        # Lightning 2.x never calls ``train()`` during fit: each module keeps the mode it was built
-        # with, and the evaluation loop restores those modes afterwards. The template is not a
-        # registered submodule, so its modes are captured here and restored after evaluation.
-        self._modes = {n: m.training for n, m in self.template.named_modules()}
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         if not self.template.training:
@@ -116,14 +109,16 @@ class VectorizedModule(L.LightningModule):
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         x, y = batch
-        losses, logits, terms = self._seed_step(self.stacked.tensors(), self.aux.tensors(),
-                                                self.class_weights, x, y)
-        n = y.shape[1]
+        aux = self.aux.tensors()
+        batch = (x, y, *self.seed_loss.extra(x, aux))
+        losses, outputs, target, terms = self._seed_step(self.stacked.tensors(), aux,
+                                                         self.class_weights, batch)
+        n = target.shape[1]
         with torch.no_grad():  # per-seed epoch sums on the device: no host sync per step
             self._add("loss", losses * n)
-            for name in self.terms.logged:
-                self._add(name, terms[name] * n)
-            self._add("correct", (logits.argmax(-1) == y).sum(1))
+            for name, value in terms.items():  # train/<term>, as TransferModule logs each
+                self._add(f"term:{name}", value * n)
+            self._add("correct", (outputs.argmax(-1) == target).sum(1))
             self._add("count", torch.full_like(losses, n))
         return losses.sum()
 
@@ -132,6 +127,11 @@ class VectorizedModule(L.LightningModule):
         self._sums[name] = value.detach().double() if acc is None else acc + value.detach()
 
     def on_train_epoch_start(self) -> None:
+        # as TransferModule: Lightning 2.6 never calls ``train()`` in fit, so each epoch sets the
+        # frozen parts' modes itself. The template is not a registered submodule, so validation
+        # does not restore its modes: they are kept here and restored per batch.
+        self.train()
+        self._modes = {n: m.training for n, m in self.template.named_modules()}
         self._sums = {}
         loader = self.trainer.train_dataloader
         if hasattr(loader, "set_epoch"):
@@ -148,8 +148,8 @@ class VectorizedModule(L.LightningModule):
                                      f"group in epoch {self.current_epoch}: train them one at a time")
         self._record("train/acc", s["correct"] / count)
         self._record("train/loss", s["loss"] / count)
-        for name in self.terms.logged:
-            self._record(f"train/{name}", s[name] / count)
+        for name in [n for n in s if n.startswith("term:")]:
+            self._record(f"train/{name[len('term:'):]}", s[name] / count)
 
     def _record(self, key: str, values: torch.Tensor) -> None:
         for k in range(self.k):

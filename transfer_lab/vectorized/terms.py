@@ -1,9 +1,9 @@
-"""Which strategies train as K stacked seeds, and their loss terms for one seed inside ``vmap``.
+"""Which strategies train as K stacked seeds, and the loss of one seed inside ``vmap``.
 
-This is the adapter surface between the vectorised engine and the strategies: a strategy's
-freezing and param groups are read from the built models and ``param_groups`` as they are; what
-its ``training_loss`` adds beside the task loss is written here once more as a pure function of
-one seed's tensors (``SeedTerms``), because ``vmap`` runs on tensors, not on modules.
+The adapter surface between the vectorised engine and the strategies: freezing and param groups
+are read from the built models and ``param_groups`` as they are, and a seed's loss terms come from
+the strategy's own ``loss`` hook, called on a functional view of that seed's model (``SeedLoss``).
+Only what cannot run under ``vmap`` is re-stated here: L2-SP's penalty (``L2SPLoss``).
 """
 
 from __future__ import annotations
@@ -12,14 +12,13 @@ import copy
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
-from torch.func import functional_call
+from torch.func import functional_call, vmap
 
 from transfer_lab.strategies.adapter import Adapter
-from transfer_lab.strategies.base import Strategy
+from transfer_lab.strategies.base import Loss, Strategy, TaskLoss
 from transfer_lab.strategies.discriminative import Discriminative
-from transfer_lab.strategies.distill import Distill, kd_loss
+from transfer_lab.strategies.distill import Distill
 from transfer_lab.strategies.finetune import Finetune
 from transfer_lab.strategies.l2sp import L2SP
 from transfer_lab.strategies.linear_probe import LinearProbe
@@ -42,90 +41,103 @@ NOT_VECTORISABLE = {
 }
 
 
-class SeedTerms:
-    """The task loss alone (scratch, finetune, linear_probe, partial, discriminative, adapter, lora,
-    weight_transfer: strategies that only build, freeze and group).
+class SeedModel:
+    """One seed's model inside ``vmap``: the template's forward on that seed's tensors. It is
+    what a strategy's ``loss(model, batch, task_loss)`` receives in place of the model."""
 
-    Override ``aux`` to give K-stacked tensors a seed's terms need, and ``terms`` to compute the
-    named terms of one seed from its parameters (inside ``vmap``: no batch-of-K dimension).
+    def __init__(self, template: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
+        self.template, self.tensors = template, tensors
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return functional_call(self.template, self.tensors, (x,))
+
+
+class SeedLoss:
+    """One seed's loss terms: the strategy's own ``loss`` on the seed's ``SeedModel`` (scratch,
+    finetune, linear_probe, partial, discriminative, adapter, lora, weight_transfer: the base
+    ``Strategy.loss``; distill: its own, fed the teacher's logits as its cached-logits batch).
+
+    Override ``aux`` for K-stacked constant tensors a seed's loss needs (moved with the module),
+    ``extra`` for per-seed batch items computed outside ``vmap``, ``loss`` for a strategy whose
+    own ``loss`` cannot run under ``vmap``.
     """
 
-    #: terms logged per seed as ``train/<name>`` (as the strategy's own training step logs them)
-    logged: tuple[str, ...] = ()
-
-    def __init__(self, strategies: list[Strategy], models: list[nn.Module]) -> None:
-        self.strategies = strategies
+    def __init__(self, strategies: list[Strategy], models: list[nn.Module], template: nn.Module) -> None:
+        self.strategies, self.strategy, self.template = strategies, strategies[0], template
 
     def aux(self) -> dict[str, torch.Tensor]:
         return {}
 
-    def weights(self) -> dict[str, float]:
-        """Name → weight of each term in the training loss (absent: logged only)."""
-        return {"task": 1.0}
+    def extra(self, x: torch.Tensor, aux: dict[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:
+        """K×… batch items appended to each seed's ``(x, y)`` (outside ``vmap``)."""
+        return ()
 
-    def terms(self, params: dict[str, torch.Tensor], aux: dict[str, torch.Tensor],
-              x: torch.Tensor, y: torch.Tensor, logits: torch.Tensor,
-              class_weights: torch.Tensor | None) -> dict[str, torch.Tensor]:
-        return {"task": F.cross_entropy(logits, y, weight=class_weights)}
+    def loss(self, params: dict[str, torch.Tensor], aux: dict[str, torch.Tensor], batch: tuple,
+             task_loss: TaskLoss) -> Loss:
+        return self.strategy.loss(SeedModel(self.template, params), batch, task_loss)
 
 
-class L2SPTerms(SeedTerms):
-    """Task loss + ``alpha/2·‖w − w_src‖²`` (each seed's own source) + ``beta/2·‖w‖²`` (the rest)."""
+class L2SPLoss(SeedLoss):
+    """``L2SP.loss`` re-stated for ``vmap`` (its ``penalty`` skips parameters whose
+    ``requires_grad`` is False, and under ``vmap`` every parameter reads False): the task term
+    plus ``alpha/2·‖w − w_src‖²`` (each seed's own source) + ``beta/2·‖w‖²`` (the rest), summed
+    in ``named_parameters`` order as ``L2SP.penalty`` sums."""
 
-    def __init__(self, strategies: list[Strategy], models: list[nn.Module]) -> None:
-        super().__init__(strategies, models)
-        s = strategies[0]
-        self.alpha, self.beta = s.alpha, s.beta
+    def __init__(self, strategies: list[Strategy], models: list[nn.Module], template: nn.Module) -> None:
+        super().__init__(strategies, models, template)
         self.trainable = [n for n, p in models[0].named_parameters() if p.requires_grad]
-        self.refs = {n: torch.stack([st.reference[n] for st in strategies])
-                     for n in self.trainable if n in s.reference}
+        self.refs = {n: torch.stack([s.reference[n] for s in strategies])
+                     for n in self.trainable if n in self.strategy.reference}
 
     def aux(self) -> dict[str, torch.Tensor]:
         return {f"ref:{n}": t for n, t in self.refs.items()}
 
-    def weights(self) -> dict[str, float]:
-        return {"task": 1.0, "penalty": 1.0}
+    def loss(self, params, aux, batch, task_loss):
+        out = Strategy.loss(self.strategy, SeedModel(self.template, params), batch, task_loss)
+        pull = new = None
+        for n in self.trainable:
+            if n in self.refs:
+                term = (params[n] - aux[f"ref:{n}"]).pow(2).sum()
+                pull = term if pull is None else pull + term
+            else:
+                term = params[n].pow(2).sum()
+                new = term if new is None else new + term
+        zero = params[self.trainable[0]].new_zeros(())
+        s = self.strategy
+        penalty = (0.5 * s.alpha * (zero if pull is None else pull)
+                   + 0.5 * s.beta * (zero if new is None else new))
+        return Loss({**out.terms, "l2sp": penalty}, out.outputs, out.target)
 
-    def terms(self, params, aux, x, y, logits, class_weights):
-        pull = sum((params[n] - aux[f"ref:{n}"]).pow(2).sum() for n in self.refs)
-        new = sum(params[n].pow(2).sum() for n in self.trainable if n not in self.refs)
-        return {"task": F.cross_entropy(logits, y, weight=class_weights),
-                "penalty": 0.5 * self.alpha * pull + 0.5 * self.beta * new}
 
+class DistillLoss(SeedLoss):
+    """``Distill.loss`` itself, on ``(x, y, teacher_logits)``: its cached-logits batch layout.
+    Each seed's teacher (stacked, vmapped) sees that seed's ``teacher_input`` (its own data
+    statistics), computed per seed outside ``vmap`` (it branches on the statistics' values)."""
 
-class DistillTerms(SeedTerms):
-    """``ce_weight·CE + kd_weight·T²·KL`` against each seed's own frozen teacher (stacked, vmapped)."""
-
-    def __init__(self, strategies: list[Strategy], models: list[nn.Module]) -> None:
-        super().__init__(strategies, models)
-        self.s = strategies[0]
-        self.logged = ("ce", "kd") if self.s.kd_weight else ("ce",)
-        self.teacher = copy.deepcopy(self.s.teacher).eval()
-        states = [{**dict(st.teacher.named_parameters()), **dict(st.teacher.named_buffers())}
-                  for st in strategies]
-        self.stacked = {n: torch.stack([s[n].detach() for s in states]) for n in states[0]}
+    def __init__(self, strategies: list[Strategy], models: list[nn.Module], template: nn.Module) -> None:
+        super().__init__(strategies, models, template)
+        self.teacher = copy.deepcopy(self.strategy.teacher).eval()
+        states = [{**dict(s.teacher.named_parameters()), **dict(s.teacher.named_buffers())}
+                  for s in strategies]
+        self.stacked = {n: torch.stack([st[n].detach() for st in states]) for n in states[0]}
 
     def aux(self) -> dict[str, torch.Tensor]:
         return {f"teacher:{n}": t for n, t in self.stacked.items()}
 
-    def weights(self) -> dict[str, float]:
-        return {"ce": self.s.ce_weight, "kd": self.s.kd_weight} if self.s.kd_weight else {"ce": self.s.ce_weight}
-
-    def terms(self, params, aux, x, y, logits, class_weights):
-        out = {"ce": F.cross_entropy(logits, y, weight=class_weights)}
-        if self.s.kd_weight:
-            teacher = {n[len("teacher:"):]: t for n, t in aux.items() if n.startswith("teacher:")}
-            with torch.no_grad():
-                t_logits = functional_call(self.teacher, teacher, (self.s.teacher_input(x),))
-            out["kd"] = kd_loss(logits, t_logits, self.s.temperature)
-        return out
+    @torch.no_grad()
+    def extra(self, x, aux):
+        if not self.strategy.kd_weight:  # Distill.loss runs no teacher then
+            return ()
+        inputs = torch.stack([s.teacher_input(x[k]) for k, s in enumerate(self.strategies)])
+        state = {n: aux[f"teacher:{n}"] for n in self.stacked}
+        return (vmap(lambda p, xk: functional_call(self.teacher, p, (xk,)))(state, inputs),)
 
 
-TERMS: dict[type, type[SeedTerms]] = {
-    Scratch: SeedTerms, Finetune: SeedTerms, LinearProbe: SeedTerms, Partial: SeedTerms,
-    Discriminative: SeedTerms, Adapter: SeedTerms, LoRA: SeedTerms, WeightTransfer: SeedTerms,
-    L2SP: L2SPTerms,
-    Distill: DistillTerms,
+TERMS: dict[type, type[SeedLoss]] = {
+    Scratch: SeedLoss, Finetune: SeedLoss, LinearProbe: SeedLoss, Partial: SeedLoss,
+    Discriminative: SeedLoss, Adapter: SeedLoss, LoRA: SeedLoss, WeightTransfer: SeedLoss,
+    L2SP: L2SPLoss,
+    Distill: DistillLoss,
 }
 
 
@@ -153,5 +165,5 @@ def vectorizable(strategy: Strategy, optimizer: Any = None, task: str = "classif
     return True, "ok"
 
 
-def seed_terms(strategies: list[Strategy], models: list[nn.Module]) -> SeedTerms:
-    return TERMS[type(strategies[0])](strategies, models)
+def seed_loss(strategies: list[Strategy], models: list[nn.Module], template: nn.Module) -> SeedLoss:
+    return TERMS[type(strategies[0])](strategies, models, template)

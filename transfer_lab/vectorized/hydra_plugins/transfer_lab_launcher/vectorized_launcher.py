@@ -16,11 +16,9 @@ import hashlib
 import logging
 from collections import defaultdict
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 from hydra._internal.core_plugins.basic_launcher import BasicLauncher
-from hydra.core.config_store import ConfigStore
 from hydra.core.hydra_config import HydraConfig
 from hydra.core.utils import JobReturn, configure_log, setup_globals
 from omegaconf import DictConfig, OmegaConf, open_dict, read_write
@@ -28,30 +26,27 @@ from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 log = logging.getLogger("transfer_lab")
 
 
-@dataclass
-class VectorizedLauncherConf:
-    _target_: str = "hydra_plugins.transfer_lab_launcher.vectorized_launcher.VectorizedLauncher"
-    #: smallest number of unfinished seeds worth grouping
-    min_group: int = 2
-
-
-ConfigStore.instance().store(group="hydra/launcher", name="vectorized", node=VectorizedLauncherConf,
-                             provider="transfer_lab")
-
-
 class VectorizedLauncher(BasicLauncher):
+    """Its config is ``conf/hydra/launcher/vectorized.yaml`` (``min_group``: fewest seeds grouped)."""
+
     def __init__(self, min_group: int = 2) -> None:
         super().__init__()
         self.min_group = min_group
 
     def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
+        from transfer_lab.sweep import record_cell
+
         setup_globals()
         configure_log(self.config.hydra.hydra_logging, self.config.hydra.verbose)
         Path(str(self.config.hydra.sweep.dir)).mkdir(parents=True, exist_ok=True)
+        trained = []
         for members in group_jobs(job_overrides, initial_job_idx).values():
             if len(members) >= self.min_group:
-                self._train_group(members)
-        return super().launch(job_overrides, initial_job_idx)
+                trained += self._train_group(members)
+        returns = super().launch(job_overrides, initial_job_idx)
+        for idx, out_dir in trained:  # the job loop found them done: this launch trained them
+            record_cell(self.config.hydra.sweep.dir, idx, "ok", out_dir)
+        return returns
 
     def cell(self, idx: int, overrides: list[str]) -> "tuple[DictConfig, str, dict]":
         """A job's task config, output directory and choices, as ``run_job`` would make them."""
@@ -74,7 +69,9 @@ class VectorizedLauncher(BasicLauncher):
             del task_cfg["hydra"]
         return task_cfg, out_dir, choices
 
-    def _train_group(self, members: list[tuple[int, list[str]]]) -> None:
+    def _train_group(self, members: list[tuple[int, list[str]]]) -> "list[tuple[int, str]]":
+        """Train the unfinished cells of one group together; returns ``(job index, output dir)``
+        of each cell it wrote (none when the group runs one cell at a time)."""
         from transfer_lab.results import completed
         from transfer_lab.vectorized.group import cheap_check, group_key, run_group
 
@@ -86,18 +83,20 @@ class VectorizedLauncher(BasicLauncher):
             ok, why = cheap_check(cfg)
             if not ok:
                 log.info("jobs %s run one at a time: %s", [m[0] for m in members], why)
-                return
-            cells.append((cfg, out_dir, choices))
+                return []
+            cells.append((idx, cfg, out_dir, choices))
         if len(cells) < self.min_group:
-            return
+            return []
         key = hashlib.sha1(" ".join(group_key(members[0][1])).encode()).hexdigest()[:12]
         group_dir = Path(str(self.config.hydra.sweep.dir)) / ".vectorized" / key
-        log.info("training seeds %s as one vectorised model", [int(c[0].seed) for c in cells])
+        log.info("training seeds %s as one vectorised model", [int(c[1].seed) for c in cells])
         try:
-            run_group([c[0] for c in cells], [c[1] for c in cells], [c[2] for c in cells], group_dir)
+            done = run_group([c[1] for c in cells], [c[2] for c in cells], [c[3] for c in cells], group_dir)
         except Exception as e:  # noqa: BLE001 — the cells then run (and fail, if they must) alone
             log.warning("vectorised group failed (%s: %s); its cells run one at a time",
                         type(e).__name__, e)
+            return []
+        return [(c[0], c[2]) for c in cells] if done is not None else []
 
 
 def group_jobs(job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> dict:
