@@ -11,8 +11,10 @@ from conftest import compose_cfg
 from safetensors.torch import load_file
 
 from transfer_lab.errors import ConfigError
-from transfer_lab.run import build_model, prepare, run, source_stage
+from transfer_lab.builders import build_model
 from transfer_lab.data.paired import PairedData, RowLoader
+from transfer_lab.run import prepare, run
+from transfer_lab.source_stage import source_stage
 from transfer_lab.strategies.distill import Distill
 
 # an MLP student under a tiny_cnn teacher (different architectures), 3 student epochs

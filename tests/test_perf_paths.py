@@ -16,7 +16,7 @@ from transfer_lab.data.loader import PILDataset, normalize, pil_transform, rando
 from transfer_lab.models import convnet
 from transfer_lab.module import TransferModule
 from transfer_lab.perf import ChannelsLast, Compile
-from transfer_lab.run import make_trainer
+from transfer_lab.builders import make_trainer
 from transfer_lab.strategies.scratch import Scratch
 
 

@@ -16,6 +16,7 @@ from transfer_lab.store import SourceStore, export_package, import_package, load
 RESULT_KEYS = {"strategy", "seed", "metrics", "source", "timings", "params", "config", "env", "status"}
 
 
+@pytest.mark.slow
 def test_store_miss_then_hit_gives_identical_results(tmp_path):
     cfg = compose_cfg("strategy=finetune", store=tmp_path / "store")
     first = run(cfg, tmp_path / "a")
@@ -39,6 +40,7 @@ def test_store_miss_then_hit_gives_identical_results(tmp_path):
     assert other["source"]["key"] != first["source"]["key"] and other["source"]["cache_hit"] is False
 
 
+@pytest.mark.slow
 def test_incomplete_store_entry_is_retrained_not_loaded(tmp_path):
     cfg = compose_cfg("strategy=finetune", store=tmp_path / "store")
     key = run(cfg, tmp_path / "a")["source"]["key"]
@@ -49,6 +51,7 @@ def test_incomplete_store_entry_is_retrained_not_loaded(tmp_path):
     assert SourceStore(tmp_path / "store").is_valid(key)
 
 
+@pytest.mark.slow
 def test_knowledge_package_round_trip_and_checkpoint_source(tmp_path):
     store = SourceStore(tmp_path / "store")
     cfg = compose_cfg("strategy=finetune", store=store.root)
@@ -81,7 +84,6 @@ def test_experiment_preset_and_command_line_precedence():
     ("target.data.samples_per_class=1000", "target.data.samples_per_class=1000"),
     ("target.data.classes=[]", "target.data.classes=\\[\\]"),
     ("source.data.classes=[0,7]", "source.data.classes: \\[7\\] out of range"),
-    ("target.save_weights=some", "target.save_weights='some'"),
 ])
 def test_bad_input_fails_before_training_and_writes_nothing(override, match, tmp_path):
     cfg = compose_cfg(override, store=tmp_path / "store")
@@ -90,6 +92,7 @@ def test_bad_input_fails_before_training_and_writes_nothing(override, match, tmp
     assert not (tmp_path / "store").exists() or not any((tmp_path / "store").iterdir())
 
 
+@pytest.mark.slow
 def test_cli_unknown_option_and_bad_value_give_one_line(tmp_path):
     env = {**os.environ, "TRANSFER_LAB_STORE": str(tmp_path / "store")}
     cmd = [sys.executable, "-m", "transfer_lab.train", f"hydra.run.dir={tmp_path}/run"]
@@ -107,12 +110,13 @@ def test_cli_unknown_option_and_bad_value_give_one_line(tmp_path):
     assert not (tmp_path / "store").exists()
 
 
-def test_source_scheduler_is_part_of_the_store_key_and_anneals_the_source(tmp_path, monkeypatch):
+@pytest.mark.slow
+def test_source_scheduler_is_part_of_the_store_key_and_anneals_the_source(tmp_path, monkeypatch, synth):
     """source.scheduler=cosine trains a different source (its own store key; the default key is
     unchanged, so entries stored without the option stay valid) whose LR ends at ~0; a bad value
     is one line before training."""
     from transfer_lab.module import TransferModule
-    from transfer_lab.run import source_spec
+    from transfer_lab.source_stage import source_spec
     from transfer_lab.store import store_key
 
     seen = []
@@ -130,9 +134,61 @@ def test_source_scheduler_is_part_of_the_store_key_and_anneals_the_source(tmp_pa
     # seen: [source lr, target lr] per run; the cosine source ends annealed, the plain one does not
     assert seen[0] == pytest.approx(1e-3) and seen[2] < 1e-9
     cfg = compose_cfg("strategy=finetune")
-    from transfer_lab.data import SyntheticData
-    dm = SyntheticData(num_classes=4, shape=(1, 16, 16)).prepare()
+    dm = synth(shape=(1, 16, 16))
     spec = source_spec(cfg, dm)
     assert "scheduler" not in spec and store_key(spec) == store_key(source_spec(cfg, dm))
     with pytest.raises(ConfigError, match="source.scheduler='step': valid: none, cosine"):
         run(compose_cfg("source.scheduler=step", store=tmp_path / "s"), tmp_path / "c")
+
+
+def test_steps_replace_epochs_and_validation_runs_every_n_steps(tmp_path):
+    import csv
+
+    cfg = compose_cfg("strategy=finetune", "source.epochs=1", "target.epochs=1", "target.steps=7",
+                      "target.val_check_interval=3", "target.data.batch_size=16", store=tmp_path / "store")
+    res = run(cfg, tmp_path / "out")
+    assert res["target_training"]["steps"] == 7 and res["target_training"]["epochs"] >= 1  # past epochs=1
+    with open(tmp_path / "out" / "target" / "metrics.csv") as f:
+        val_steps = sorted({int(r["step"]) for r in csv.DictReader(f) if r.get("val/acc")})
+    assert val_steps == [2, 5]  # after optimizer steps 3 and 6 (Lightning logs the 0-based step)
+
+
+def test_source_steps_enter_the_store_key_only_when_set(synth):
+    from transfer_lab.source_stage import source_spec
+    from transfer_lab.store import store_key
+
+    dm = synth(shape=(1, 16, 16))
+    plain = source_spec(compose_cfg(), dm)
+    assert "steps" not in plain  # keys of entries trained by epochs stay what they were
+    stepped = source_spec(compose_cfg("source.steps=50"), dm)
+    assert stepped["steps"] == 50 and store_key(stepped) != store_key(plain)
+
+
+@pytest.mark.parametrize("override, culprit", [
+    ("target.steps=-1", "target.steps=-1"),
+    ("target.val_check_interval=0", "target.val_check_interval=0"),
+    ("target.scheduler=cosine target.steps=10", "target.scheduler=cosine"),
+])
+def test_bad_step_settings_are_one_line_before_training(tmp_path, override, culprit):
+    cfg = compose_cfg(*override.split(), store=tmp_path / "store")
+    with pytest.raises(ConfigError, match=culprit.replace(".", r"\.")):
+        run(cfg, tmp_path / "out")
+    assert not (tmp_path / "store").exists()
+
+
+def test_a_waiting_rank_stops_with_one_line_when_rank_0_failed_or_never_delivers(tmp_path, monkeypatch):
+    import time
+
+    from lightning.pytorch.utilities import rank_zero_only
+
+    from transfer_lab.source_stage import SourceWaitTimeout, mark_failed, wait_for_entry
+
+    store, key = SourceStore(tmp_path / "store"), "0123456789abcdef0123"
+    t0 = time.monotonic()
+    with pytest.raises(SourceWaitTimeout, match="no store entry .* after 0s"):
+        wait_for_entry(store, key, poll_s=0.01, timeout_s=0.2)
+    mark_failed(store, key, RuntimeError("disk full\nmore lines"))  # as rank 0 does when training fails
+    monkeypatch.setattr(rank_zero_only, "rank", 1)
+    with pytest.raises(SourceWaitTimeout, match="rank 1: rank 0 failed to train source .*: RuntimeError: disk full$"):
+        wait_for_entry(store, key, poll_s=0.01, timeout_s=60)
+    assert time.monotonic() - t0 < 10  # neither wait ran to a long timeout

@@ -12,7 +12,9 @@ from hydra.utils import instantiate
 
 from transfer_lab.data.loader import normalize
 from transfer_lab.module import TransferModule
-from transfer_lab.run import build_model, make_trainer, prepare, run, source_stage
+from transfer_lab.builders import build_model, make_trainer
+from transfer_lab.run import prepare, run
+from transfer_lab.source_stage import source_stage
 from transfer_lab.strategies.common import GradientReversal, grl_lambda
 from transfer_lab.strategies.distill import Distill, kd_loss
 

@@ -116,7 +116,7 @@ def run_transferability(run_dir: Path, store: str | None, max_samples: int) -> d
     """The run's recorded scores (results.json ``transferability``) or computed once and cached."""
     from transfer_lab.analysis.runs import _relocate_data, load_source, read_results
     from transfer_lab.analysis.transferability import transferability
-    from transfer_lab.run import make_datamodule
+    from transfer_lab.builders import make_datamodule
     from omegaconf import OmegaConf
 
     results = read_results(run_dir)

@@ -39,7 +39,8 @@ from transfer_lab.data.loader import random_crop
 from transfer_lab.models import convnet, resnet_cifar
 from transfer_lab.module import TransferModule
 from transfer_lab.perf import ChannelsLast, Compile
-from transfer_lab.run import make_trainer, run
+from transfer_lab.builders import make_trainer
+from transfer_lab.run import run
 from transfer_lab.strategies.scratch import Scratch
 
 ROOT = Path(__file__).resolve().parents[1]

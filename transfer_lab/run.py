@@ -1,47 +1,39 @@
-"""One run: source stage (cached in the store) → strategy → target stage → results.json.
+"""One run, top to bottom: check and build everything (``prepare``), then source stage →
+strategy → target stage → ``results.json`` (``run``).
 
-The leaves (data, models, strategy, optimizer, trainer) are instantiated from config; this file
-is the plain-code wiring between them.
+The leaves come from ``builders``, the source from ``source_stage``; this file is the wiring.
 """
 
 from __future__ import annotations
 
 import logging
-import os
-import platform
 import shutil
-import subprocess
-import sys
 import time
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
-from hydra.utils import instantiate
-from lightning.pytorch.callbacks import ModelCheckpoint
-from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
-import transfer_lab
-from transfer_lab.checkpoint import save_trainable
+from transfer_lab.builders import (build_model, last_checkpoint, make_callbacks, make_datamodule,
+                                   make_loggers, make_module, make_strategy, make_trainer,
+                                   readable_checkpoint, resume_callbacks, rng_state, scheduler_of,
+                                   set_rng_state, task_of)
 from transfer_lab.data.datamodule import TransferDataModule
 from transfer_lab.errors import ConfigError
-from transfer_lab.io import atomic_save_safetensors, atomic_write_json
 from transfer_lab.models.classifier import Classifier
-from transfer_lab.module import TransferModule
-from transfer_lab.results import config_hash
-from transfer_lab.store import SourceStore, load_state_dict, store_key
+from transfer_lab.results import (RunFailed, config_hash, environment, one_line, record_failure,
+                                  save_weights, write_results)
+from transfer_lab.source_stage import source_stage, transferability_scores
 from transfer_lab.strategies.base import Strategy
-from transfer_lab.strategies.scratch import Scratch
-from transfer_lab.validate import load_into, preflight_build, validate_config
+from transfer_lab.validate import preflight_build, validate_config
 
 log = logging.getLogger("transfer_lab")
-SAVE_MODES = ("auto", "trainable", "full", "none")
 SCHEDULERS = ("none", "cosine")
-LOGGERS = ("csv", "tensorboard", "none")
 # Lightning's per-Trainer banners ("GPU available", tips) drown a sweep's one-line summaries
 for _name in ("lightning.pytorch.utilities.rank_zero", "lightning.pytorch.accelerators.cuda",
               "lightning.fabric.utilities.rank_zero"):
@@ -49,307 +41,161 @@ for _name in ("lightning.pytorch.utilities.rank_zero", "lightning.pytorch.accele
 warnings.filterwarnings("ignore", message=".*isinstance.treespec, LeafSpec.*")
 warnings.filterwarnings("ignore", message=".*does not have many workers.*")
 warnings.filterwarnings("ignore", message=".*smaller than the logging interval.*")
-warnings.filterwarnings("ignore", message=".*module\(s\) in eval mode at the start of training.*")
+warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode at the start of training.*")
 
 
-def run(cfg: DictConfig, out_dir: str | Path, choices: dict[str, Any] | None = None,
-        devices: Any = None) -> dict:
-    """Run one source → target transfer and write ``<out_dir>/results.json``. Returns the results.
+@dataclass
+class Prepared:
+    """Everything ``run`` needs, checked and built once. Unpacks as the four-tuple
+    ``(strategy, source_dm, target_dm, target_model_cfg)`` that callers of ``prepare`` use."""
 
-    ``devices`` (e.g. ``[1]`` from a parallel sweep's placement) replaces ``trainer.devices``
-    without entering the config, so it does not change the config hash that resuming compares.
-    """
-    out_dir = Path(out_dir)
-    choices = dict(choices or {})
-    started = time.perf_counter()
-    strategy, source_dm, target_dm, tgt_model_cfg = prepare(cfg)
-    results: dict[str, Any] = {
-        "status": "running", "strategy": choices.get("strategy") or strategy.name,
-        "seed": int(cfg.seed), "choices": choices, "config_hash": config_hash(cfg),
-        "config": OmegaConf.to_container(cfg, resolve=True), "env": environment()}
+    strategy: Strategy
+    source_dm: TransferDataModule | None
+    target_dm: TransferDataModule
+    target_model_cfg: DictConfig
+    source_model: Classifier | None = None
+    target_model: Classifier | None = None
+    target_rng: dict | None = None  # the RNG state right after the seeded target build
 
-    t0 = time.perf_counter()
-    source, results["source"] = source_stage(cfg, strategy, source_dm, devices)
-    source_s = time.perf_counter() - t0
-
-    if source is not None and cfg.get("transferability", True):
-        results["transferability"] = transferability_scores(source, target_dm)
-    L.seed_everything(int(cfg.seed), verbose=False)  # the target init is the same whatever the source path
-    target = build_model(tgt_model_cfg, target_dm)
-    model = strategy.build(source, target)
-    module = TransferModule(model, strategy, instantiate(cfg.target.optimizer, _partial_=True),
-                            lr=float(cfg.target.optimizer.lr), num_classes=target_dm.num_classes,
-                            class_weights=target_dm.class_weights, scheduler=scheduler_of(cfg, "target"),
-                            task=task_of(target_dm), target_norm=getattr(target_dm, "target_norm", None))
-    results["data"] = {"target": {**target_dm.summary(),
-                                  "samples_per_class": cfg.target.data.get("samples_per_class")}}
-    results["params"] = {"total": sum(p.numel() for p in model.parameters()),
-                         "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad)}
-    t0 = time.perf_counter()
-    ckpt_dir = out_dir / "checkpoints"
-    callbacks = strategy.callbacks()
-    if cfg.get("resume", True):  # the last epoch's state, so a killed cell resumes rather than restarts
-        callbacks.append(ModelCheckpoint(dirpath=ckpt_dir, filename="last", save_top_k=1, monitor=None,
-                                         enable_version_counter=False))
-    trainer = make_trainer(cfg, "target", out_dir, callbacks, devices)
-    resume_from = last_checkpoint(ckpt_dir) if cfg.get("resume", True) else None
-    try:
-        trainer.fit(module, datamodule=strategy.datamodule(target_dm, source_dm),
-                    ckpt_path=str(resume_from[0]) if resume_from else None)
-        # the last epoch's train/val figures: trainer.test resets callback_metrics
-        fitted = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith(("val/", "train/"))}
-        tested = trainer.test(module, datamodule=target_dm, verbose=False)[0]
-    except Exception as e:
-        results.update(status="failed", error=f"{type(e).__name__}: {e}")
-        if trainer.is_global_zero:
-            atomic_write_json(out_dir / "results.json", results)
-        raise
-    results["metrics"] = {**fitted, **{k: float(v) for k, v in tested.items()}}
-    if module.test_per_class is not None:
-        results["per_class"] = {"test/acc": module.test_per_class}
-    results["strategy_report"] = strategy.report()
-    results["target_training"] = {"epochs": int(trainer.current_epoch), "world_size": trainer.world_size,
-                                  "resumed_after_epoch": resume_from[1] if resume_from else None}
-    if trainer.is_global_zero:
-        results["weights"] = save_weights(model, out_dir, cfg.target.save_weights,
-                                          results["source"].get("key"))
-    results["timings"] = {"source_s": round(source_s, 3), "target_s": round(time.perf_counter() - t0, 3),
-                          "total_s": round(time.perf_counter() - started, 3)}
-    results["status"] = "ok"
-    if trainer.is_global_zero:
-        atomic_write_json(out_dir / "results.json", results)
-        shutil.rmtree(ckpt_dir, ignore_errors=True)  # the weights are saved; the resume state is not needed
-    return results
+    def __iter__(self):
+        return iter((self.strategy, self.source_dm, self.target_dm, self.target_model_cfg))
 
 
-def scheduler_of(cfg: DictConfig, stage: str) -> str:
-    """A stage's learning-rate schedule (``none`` when the key is unset or null)."""
-    return str(cfg[stage].get("scheduler") or "none")
-
-
-def task_of(dm: TransferDataModule) -> str:
-    """``classification`` unless the data module declares another task (``TableData``: regression)."""
-    return getattr(dm, "task", "classification")
-
-
-def transferability_scores(source: Classifier, dm: TransferDataModule, max_samples: int = 2000) -> dict:
-    """LogME and LEEP of the frozen source on the target training set, before any training
-    (You et al., 2021; Nguyen et al., 2020). Classification targets whose input the source takes."""
-    from transfer_lab.analysis.transferability import transferability
-
-    if task_of(dm) != "classification":
-        return {"skipped": "regression target"}
-    if tuple(source.input_shape) != tuple(dm.input_shape):  # scoring would need the source's data path
-        return {"skipped": f"source input {list(source.input_shape)} ≠ target input {list(dm.input_shape)}"}
-    return transferability(source, dm, max_samples=max_samples, seed=0)  # eval mode, no_grad: no BN drift
-
-
-def last_checkpoint(ckpt_dir: Path) -> tuple[Path, int] | None:
-    """``(path, epoch)`` of a readable ``last.ckpt``; an unreadable one (killed mid-write) is dropped."""
-    path = ckpt_dir / "last.ckpt"
-    if not path.is_file():
-        return None
-    try:  # tensors + primitives: weights_only refuses anything that would run code on unpickling
-        epoch = int(torch.load(path, map_location="cpu", weights_only=True)["epoch"])
-    except Exception as e:  # noqa: BLE001 — any damage means: start this cell over
-        log.warning("ignoring unreadable checkpoint %s (%s): training from the start", path, e)
-        if rank_zero_only.rank == 0:
-            path.unlink(missing_ok=True)
-        return None
-    log.info("resuming %s from its checkpoint after epoch %d", ckpt_dir.parent, epoch)
-    return path, epoch
-
-
-def prepare(cfg: DictConfig) -> tuple[Strategy, TransferDataModule | None, TransferDataModule, DictConfig]:
+def prepare(cfg: DictConfig) -> Prepared:
     """Instantiate and validate everything before any training: bad input fails here.
 
     Order: the config against the constructors (types, unknown keys, ``???``), then the data
-    (classes, budgets, files), then the strategy's ``build`` on freshly initialised models (layer
+    (classes, budgets, files), then the strategy's ``build`` on the models themselves (layer
     globs, strict copies, source/target compatibility) — so nothing trains before a mistake shows.
     """
     validate_config(cfg)
     for stage in ("source", "target"):
         if scheduler_of(cfg, stage) not in SCHEDULERS:
             raise ConfigError(f"{stage}.scheduler={cfg[stage].get('scheduler')!r}: valid: {', '.join(SCHEDULERS)}")
-    if cfg.target.save_weights not in SAVE_MODES:
-        raise ConfigError(f"target.save_weights={cfg.target.save_weights!r}: valid: {', '.join(SAVE_MODES)}")
-    logger_names(cfg.get("logger", "csv"))
-    strategy = instantiate(cfg.strategy)
-    if not isinstance(strategy, Strategy):
-        raise ConfigError(f"strategy._target_={cfg.strategy._target_}: not a transfer_lab Strategy")
+    # constructing loggers and callbacks writes nothing: a bad option or missing package shows now
+    make_loggers(cfg, Path("."), "preflight")
+    make_callbacks(cfg)
+    check_lengths(cfg)
+    strategy = make_strategy(cfg)
     source_dm = None
     if strategy.needs_source:
         source_dm = make_datamodule(cfg.source.data, cfg.seed, "source.data").prepare()
     target_dm = make_datamodule(cfg.target.data, cfg.seed, "target.data",
-                                default_shape=source_dm.input_shape if source_dm else None)
-    target_dm.prepare()
+                                default_shape=source_dm.input_shape if source_dm else None).prepare()
     for key, dm in (("target.data", target_dm), ("source.data", source_dm)):
         if dm is not None and task_of(dm) not in strategy.tasks:
             raise ConfigError(f"strategy._target_={cfg.strategy._target_}: handles {', '.join(strategy.tasks)} "
                               f"tasks, but {key} is a {task_of(dm)} task (regression: scratch, finetune, "
                               "linear_probe, partial, l2sp)")
     tgt_model_cfg = cfg.target.get("model") or cfg.source.model
-    source = build_model(cfg.source.model, source_dm) if source_dm is not None else None
-    preflight_build(strategy, source, build_model(tgt_model_cfg, target_dm))
-    return strategy, source_dm, target_dm, tgt_model_cfg
+    source = build_model(cfg.source.model, source_dm, key="source.model") if source_dm is not None else None
+    # the target init is the same whatever the source path (trained, stored, external)
+    L.seed_everything(int(cfg.seed), verbose=False)
+    target = build_model(tgt_model_cfg, target_dm, key="target.model")
+    target_rng = rng_state()
+    preflight_build(strategy, source, target)  # on copies: the models stay untouched
+    return Prepared(strategy, source_dm, target_dm, tgt_model_cfg, source, target, target_rng)
 
 
-def make_datamodule(data_cfg: DictConfig, seed: int, key: str,
-                    default_shape: tuple[int, int, int] | None = None) -> TransferDataModule:
-    """Instantiate a data config; unset channels/size default to ``default_shape`` (the source's)."""
-    extra: dict[str, Any] = {"seed": int(seed), "key": key}
-    if default_shape is not None:
-        if data_cfg.get("channels") is None:
-            extra["channels"] = default_shape[0]
-        if data_cfg.get("image_size") is None:
-            extra["image_size"] = default_shape[-1]
-    dm = instantiate(data_cfg, **extra)
-    if not isinstance(dm, TransferDataModule):
-        raise ConfigError(f"{key}._target_={data_cfg.get('_target_')}: not a TransferDataModule")
-    return dm
+def check_lengths(cfg: DictConfig) -> None:
+    """``steps`` a whole number ≥ 0 or null; ``val_check_interval`` steps ≥ 1 (or a fraction of
+    an epoch in (0, 1]); a cosine schedule counts epochs, so it cannot run on a step budget."""
+    for stage in ("source", "target"):
+        steps, every = cfg[stage].get("steps"), cfg[stage].get("val_check_interval")
+        if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 0):
+            raise ConfigError(f"{stage}.steps={steps!r}: expected a whole number of optimizer steps ≥ 0, "
+                              f"or null to train for {stage}.epochs")
+        if every is not None and (isinstance(every, bool) or not isinstance(every, (int, float))
+                                  or (isinstance(every, int) and every < 1)
+                                  or (isinstance(every, float) and not 0 < every <= 1)):
+            raise ConfigError(f"{stage}.val_check_interval={every!r}: expected steps ≥ 1 or a fraction "
+                              "of an epoch in (0, 1]")
+        if steps is not None and scheduler_of(cfg, stage) == "cosine":
+            raise ConfigError(f"{stage}.scheduler=cosine anneals over {stage}.epochs; with {stage}.steps "
+                              f"set use {stage}.scheduler=none (or train by epochs: {stage}.steps=null)")
 
 
-def build_model(model_cfg: DictConfig, dm: TransferDataModule | None = None, *,
-                input_shape: tuple[int, ...] | None = None, num_classes: int | None = None) -> Classifier:
-    c, _, s = input_shape or dm.input_shape
-    return instantiate(model_cfg, in_channels=c, image_size=s,
-                       num_classes=num_classes or dm.num_classes)
+def run(cfg: DictConfig, out_dir: str | Path, choices: dict[str, Any] | None = None,
+        devices: Any = None, job_threads: int | None = None) -> dict:
+    """Run one source → target transfer and write ``<out_dir>/results.json``. Returns the results.
 
-
-def source_spec(cfg: DictConfig, dm: TransferDataModule) -> dict:
-    """Everything that determines the source weights: the store key is its hash."""
-    scheduler = scheduler_of(cfg, "source")
-    return {**({"scheduler": scheduler} if scheduler != "none" else {}),  # keys of older entries stay valid
-            "data": OmegaConf.to_container(cfg.source.data, resolve=True),
-            "input_shape": list(dm.input_shape), "num_classes": dm.num_classes,
-            "model": OmegaConf.to_container(cfg.source.model, resolve=True),
-            "optimizer": OmegaConf.to_container(cfg.source.optimizer, resolve=True),
-            "epochs": cfg.source.epochs, "trainer": OmegaConf.to_container(cfg.source.trainer, resolve=True),
-            "precision": str(cfg.trainer.get("precision")), "seed": int(cfg.seed),
-            "versions": {"torch": torch.__version__, "lightning": L.__version__,
-                         "transfer_lab": transfer_lab.__version__}}
-
-
-def source_stage(cfg: DictConfig, strategy: Strategy, dm: TransferDataModule | None,
-                 devices: Any = None) -> tuple[Classifier | None, dict]:
-    """The trained source model: from ``source.checkpoint``, from the store, or trained now.
-
-    Under DDP only global rank 0 trains (on one device: the key does not hold the device count,
-    so the weights must not depend on it); the other ranks wait for the store entry and load it.
+    Any failure is a record: ``results.json`` with ``status: failed``, the ``stage`` (config,
+    source, target, save) and a one-line ``error`` (the traceback goes to the log file). A bad
+    config raises ``ConfigError``; any other failure ``RunFailed`` with that line.
+    ``devices`` (e.g. ``[1]`` from a parallel sweep's placement) replaces ``trainer.devices``
+    without entering the config, so it does not change the config hash that resuming compares;
+    ``job_threads``: the CPU threads a parallel launcher gave this job (recorded in ``env``).
     """
-    if not strategy.needs_source:
-        return None, {"used": False, "cache_hit": None}
-    if cfg.source.get("checkpoint"):
-        return checkpoint_source(cfg, dm)
-    spec = source_spec(cfg, dm)
-    key = store_key(spec)
-
-    def train() -> tuple[dict, dict, dict]:
-        log.info("training source %s (%s on %s)", key, cfg.source.model._target_, cfg.source.data._target_)
-        L.seed_everything(int(cfg.seed), verbose=False)
-        model = build_model(cfg.source.model, dm)
-        module = TransferModule(model, Scratch(), instantiate(cfg.source.optimizer, _partial_=True),
-                                lr=float(cfg.source.optimizer.lr), num_classes=dm.num_classes,
-                                scheduler=scheduler_of(cfg, "source"),
-                                task=task_of(dm), target_norm=getattr(dm, "target_norm", None))
-        trainer = make_trainer(cfg, "source", Path(cfg.store_dir) / ".logs" / key, [], devices)
-        trainer.fit(module, datamodule=dm)
-        tested = trainer.test(module, datamodule=dm, verbose=False)[0]
-        return model.state_dict(), {**spec, "key": key}, {k: float(v) for k, v in tested.items()}
-
-    t0 = time.perf_counter()
-    store = SourceStore(cfg.store_dir)
-    if rank_zero_only.rank != 0:
-        wait_for_entry(store, key)
-    state, _, metrics, hit = store.get_or_create(key, train)
-    model = build_model(cfg.source.model, dm)
-    model.load_state_dict(state)
-    return model, {"used": True, "key": key, "cache_hit": hit, **metrics,
-                   "load_or_train_s": round(time.perf_counter() - t0, 3)}
-
-
-def wait_for_entry(store: SourceStore, key: str, poll_s: float = 0.5) -> None:
-    """A non-zero rank's barrier: rank 0 trains the source (alone, on one device) and saves it."""
-    while not store.is_valid(key):
-        time.sleep(poll_s)
-
-
-def checkpoint_source(cfg: DictConfig, dm: TransferDataModule) -> tuple[Classifier, dict]:
-    """An external source: a knowledge package, safetensors file or weights-only checkpoint."""
-    path = cfg.source.checkpoint
-    model = load_into(build_model(cfg.source.model, dm), load_state_dict(path), f"source.checkpoint={path}")
-    return model, {"used": True, "checkpoint": str(path), "cache_hit": None}
-
-
-def make_trainer(cfg: DictConfig, stage: str, out_dir: Path, callbacks: list,
-                 devices: Any = None) -> L.Trainer:
-    """The shared ``trainer`` config plus the stage's own ``epochs`` and ``trainer`` overrides."""
-    kwargs = dict(OmegaConf.to_container(cfg.trainer, resolve=True))
-    if devices is not None:
-        kwargs["devices"] = devices
-    if stage == "source":  # one device, one process: see source_stage
-        d = kwargs.get("devices")
-        kwargs.update(devices=d if isinstance(d, list) and len(d) == 1 else 1, num_nodes=1,
-                      strategy="auto" if "ddp" in str(kwargs.get("strategy")) else kwargs.get("strategy"))
-    kwargs.update(OmegaConf.to_container(cfg[stage].trainer, resolve=True) or {})
-    if kwargs.get("enable_progress_bar") is None:
-        kwargs["enable_progress_bar"] = sys.stderr.isatty() and not os.environ.get("CI")
-    kwargs.setdefault("max_epochs", int(cfg[stage].epochs))
-    # callbacks from the trainer config (e.g. performance options) run beside the strategy's
-    configured = [instantiate(c) for c in kwargs.pop("callbacks", None) or []]
-    if any(isinstance(c, ModelCheckpoint) for c in callbacks):
-        kwargs["enable_checkpointing"] = True
-    return instantiate(kwargs, logger=make_loggers(cfg.get("logger", "csv"), out_dir, stage),
-                       callbacks=[*configured, *callbacks], default_root_dir=str(out_dir))
-
-
-def make_loggers(spec: str | list | None, out_dir: Path, stage: str) -> list:
-    """``logger=csv`` (default), ``tensorboard``, ``csv,tensorboard`` or ``none``."""
-    names = logger_names(spec)
-    loggers: list = []
-    if "csv" in names:
-        loggers.append(CSVLogger(str(out_dir), name=stage, version=""))
-    if "tensorboard" in names:
-        from lightning.pytorch.loggers import TensorBoardLogger
-
-        loggers.append(TensorBoardLogger(str(out_dir), name=f"tb_{stage}", version=""))
-    return loggers or False
-
-
-def logger_names(spec: str | list | None) -> list[str]:
-    items = spec.split(",") if isinstance(spec, str) else list(spec or [])
-    names = [str(n).strip() for n in items if str(n).strip()]
-    bad = [n for n in names if n not in LOGGERS]
-    if bad:
-        raise ConfigError(f"logger={spec}: unknown {bad[0]!r}; valid: {', '.join(LOGGERS)} (comma-separated)")
-    if "tensorboard" in names:
-        try:
-            import tensorboard  # noqa: F401 — Lightning's own check fails later and less clearly
-        except ImportError:
-            raise ConfigError("logger=tensorboard: the tensorboard package is not installed; "
-                              "pip install 'transfer_lab[tensorboard]'") from None
-    return names
-
-
-def save_weights(model: torch.nn.Module, out_dir: Path, mode: str, source_key: str | None) -> dict:
-    """``auto``: only what trained when anything is frozen (the rest is the source's), else all."""
-    frozen = any(not p.requires_grad for p in model.parameters())
-    if mode == "none":
-        return {"mode": "none"}
-    if mode == "trainable" or (mode == "auto" and frozen):
-        path = save_trainable(model, out_dir / "target_trainable.safetensors", source_key)
-        return {"mode": "trainable", "file": path.name, "source_key": source_key}
-    path = atomic_save_safetensors(out_dir / "target.safetensors", model.state_dict())
-    return {"mode": "full", "file": path.name, "source_key": source_key}
-
-
-def environment() -> dict:
+    out_dir, started = Path(out_dir), time.perf_counter()
+    results = start_record(cfg, dict(choices or {}), job_threads)
+    stage = "config"
     try:
-        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                             cwd=Path(__file__).parent, timeout=5).stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        rev = None
-    return {"python": platform.python_version(), "torch": torch.__version__,
-            "lightning": L.__version__, "transfer_lab": transfer_lab.__version__,
-            "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
-            "platform": platform.platform(), "git": rev}
+        p = prepare(cfg)
+        results["strategy"] = results["strategy"] or p.strategy.name
+        stage = "source"
+        t0 = time.perf_counter()
+        source, results["source"] = source_stage(cfg, p.strategy, p.source_dm, devices, model=p.source_model)
+        if source is not None and cfg.get("transferability", True):
+            results["transferability"] = transferability_scores(source, p.target_dm)
+        source_s = time.perf_counter() - t0
+        stage = "target"
+        t0 = time.perf_counter()
+        model, is_zero = target_stage(cfg, p, source, out_dir, devices, results)
+        results["timings"] = {"source_s": round(source_s, 3), "target_s": round(time.perf_counter() - t0, 3),
+                              "total_s": round(time.perf_counter() - started, 3)}
+        stage, results["status"] = "save", "ok"
+        if is_zero:
+            results["weights"] = save_weights(model, out_dir, cfg.target.save_weights,
+                                              results["source"].get("key"))
+            write_results(out_dir, results)
+            shutil.rmtree(out_dir / "checkpoints", ignore_errors=True)  # weights saved: resume state not needed
+        return results
+    except Exception as e:  # noqa: BLE001 — every failure becomes a record and one line
+        line = one_line(e) if rank_zero_only.rank != 0 else record_failure(out_dir, results, stage, e)
+        readable_checkpoint(out_dir / "checkpoints")  # drops a checkpoint the failure left half-written
+        if isinstance(e, ConfigError):
+            raise
+        raise RunFailed(f"{stage} stage failed: {line}") from e
+
+
+def start_record(cfg: DictConfig, choices: dict[str, Any], job_threads: int | None = None) -> dict[str, Any]:
+    """The results.json fields known before anything runs (readable even for a broken config)."""
+    try:
+        config, digest = OmegaConf.to_container(cfg, resolve=True), config_hash(cfg)
+    except Exception:  # noqa: BLE001 — an unresolvable config is recorded as written
+        config, digest = OmegaConf.to_container(cfg, resolve=False), None
+    seed = cfg.get("seed")
+    return {"status": "running", "strategy": choices.get("strategy"),
+            "seed": seed if isinstance(seed, int) else None, "choices": choices,
+            "config_hash": digest, "config": config, "env": environment(job_threads)}
+
+
+def target_stage(cfg: DictConfig, p: Prepared, source: Classifier | None, out_dir: Path,
+                 devices: Any, results: dict) -> tuple[torch.nn.Module, bool]:
+    """Build the target from the source, train and test it; fills ``results``. Returns the model
+    and whether this process is global rank 0 (the one that writes)."""
+    strategy, target_dm = p.strategy, p.target_dm
+    set_rng_state(p.target_rng)  # the strategy's new layers draw as if built right after the target
+    model = strategy.build(source, p.target_model)
+    module = make_module(cfg, "target", model, strategy, target_dm, class_weights=target_dm.class_weights)
+    results["data"] = {"target": {**target_dm.summary(),
+                                  "samples_per_class": cfg.target.data.get("samples_per_class")}}
+    results["params"] = {"total": sum(q.numel() for q in model.parameters()),
+                         "trainable": sum(q.numel() for q in model.parameters() if q.requires_grad)}
+    ckpt_dir = out_dir / "checkpoints"
+    trainer = make_trainer(cfg, "target", out_dir, [*strategy.callbacks(), *resume_callbacks(cfg, ckpt_dir)],
+                           devices)
+    resume_from = last_checkpoint(ckpt_dir) if cfg.get("resume", True) else None
+    trainer.fit(module, datamodule=strategy.datamodule(target_dm, p.source_dm),
+                ckpt_path=str(resume_from[0]) if resume_from else None)
+    # the last epoch's train/val figures: trainer.test resets callback_metrics
+    fitted = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith(("val/", "train/"))}
+    tested = trainer.test(module, datamodule=target_dm, verbose=False)[0]
+    results["metrics"] = {**fitted, **{k: float(v) for k, v in tested.items()}}
+    if module.test_per_class is not None:
+        results["per_class"] = {"test/acc": module.test_per_class}
+    results["strategy_report"] = strategy.report()
+    results["target_training"] = {"epochs": int(trainer.current_epoch), "steps": int(trainer.global_step),
+                                  "world_size": trainer.world_size,
+                                  "resumed_after_epoch": resume_from[1] if resume_from else None}
+    return model, trainer.is_global_zero

@@ -22,6 +22,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from transfer_lab.errors import ConfigError
+from transfer_lab.sweep import record_cell
 
 log = logging.getLogger("transfer_lab")
 # the cores this process may use, read before any job narrows them (joblib reuses worker processes)
@@ -119,7 +120,7 @@ def check_choices(args: list[str], conf_dir: str | Path = CONF_DIR) -> None:
         if group.startswith("hydra/") or not (conf / group).is_dir() or any(c in value for c in "()[]{}$*"):
             continue
         valid = sorted(p.relative_to(conf / group).with_suffix("").as_posix()
-                       for p in (conf / group).rglob("*.yaml"))
+                       for p in (conf / group).rglob("*.yaml") if not p.name.startswith("_"))
         for option in (v.strip().strip("'\"") for v in value.split(",")):
             if option not in ("null", "") and option not in valid:
                 raise ConfigError(f"{key}={option}: unknown option (Could not find '{group}/{option}'); "
@@ -147,6 +148,8 @@ def check_overrides(args: list[str], conf_dir: str | Path = CONF_DIR) -> None:
             compose("train", overrides=overrides)
     except Exception as e:  # noqa: BLE001 — Hydra/OmegaConf errors of any kind become one line
         lines = [ln.strip() for ln in str(e).splitlines() if ln.strip() and "HYDRA_FULL_ERROR" not in ln]
+        if e.__cause__ is not None and str(e.__cause__).strip():  # the schema's reason (type, choices)
+            lines.append("(" + str(e.__cause__).strip().splitlines()[0] + ")")
         raise ConfigError(_culprit(overrides, str(e)) + (" ".join(lines) or type(e).__name__)) from None
     finally:
         GlobalHydra.instance().clear()
@@ -179,39 +182,67 @@ def main() -> float | None:
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="train")
 def hydra_main(cfg: DictConfig) -> float | None:
-    from lightning.pytorch.utilities import rank_zero_only
-
-    from transfer_lab.results import completed  # heavy imports after Hydra has parsed the command line
-    from transfer_lab.run import run
+    """One cell. A single run's bad config exits 2 with one line, any other failure 1; in a sweep
+    the failure is recorded (results.json and the cell's status) and the sweep goes on."""
+    from transfer_lab.results import RunFailed  # heavy imports after Hydra has parsed the command line
 
     hc = HydraConfig.get()
+    sweep = hc.mode == RunMode.MULTIRUN
+    try:
+        res, skipped = run_cell(cfg, hc)
+    except (ConfigError, RunFailed) as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        if not sweep:
+            sys.exit(2 if isinstance(e, ConfigError) else 1)
+        record_cell(hc.sweep.dir, hc.job.num, "failed", hc.runtime.output_dir, str(e))
+        return float("nan")  # a failed trial for an Optuna sweeper
+    if sweep:
+        record_cell(hc.sweep.dir, hc.job.num, "skipped" if skipped else "ok", hc.runtime.output_dir)
+    return objective(cfg, res)
+
+
+def objective(cfg: DictConfig, res: dict) -> float:
+    """What a sweeper optimises: ``optimized_metric`` (a validation metric: the test split is
+    never seen by a sweeper) when set, else the run's headline test metric."""
+    name = cfg.get("optimized_metric")
+    if name:
+        if name not in res["metrics"]:
+            raise ConfigError(f"optimized_metric={name}: not among this run's metrics "
+                              f"({', '.join(sorted(res['metrics']))})")
+        return res["metrics"][name]
+    return res["metrics"][headline(res["metrics"])]
+
+
+def run_cell(cfg: DictConfig, hc: Any) -> tuple[dict, bool]:
+    """The cell's results (``skipped``: already done by an earlier run of the same config)."""
+    from lightning.pytorch.utilities import rank_zero_only
+
+    from transfer_lab.results import completed
+    from transfer_lab.run import run
+
     out_dir = hc.runtime.output_dir
     choices = {k: v for k, v in hc.runtime.choices.items() if not k.startswith("hydra/")}
     done = completed(cfg, out_dir)
     if done is not None:
         print(summary(done, skipped=True), flush=True)
-        return done["metrics"][headline(done["metrics"])]
+        return done, True
     n_jobs = int(hc.launcher.get("n_jobs") or 1) if hc.mode == RunMode.MULTIRUN else 1
     if n_jobs < 0:  # joblib's -1: one job per core
         n_jobs = os.cpu_count() or 1
     slot_ctx = (job_slot(Path(hc.sweep.dir) / ".slots", int(hc.job.num), n_jobs) if n_jobs > 1
                 else contextlib.nullcontext(None))
-    try:
-        with slot_ctx as slot:
-            devices = None
-            if slot is not None:
-                import torch
+    with slot_ctx as slot:
+        devices, threads = None, None
+        if slot is not None:
+            import torch
 
-                where = placement(slot, n_jobs, torch.cuda.device_count(), ALL_CPUS)
-                log.info("job %s: slot %d → %s", hc.job.num, slot, where)
-                devices = apply_placement(cfg, where)
-            res = run(cfg, out_dir, choices, devices=devices)
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+            where = placement(slot, n_jobs, torch.cuda.device_count(), ALL_CPUS)
+            log.info("job %s: slot %d → %s", hc.job.num, slot, where)
+            devices, threads = apply_placement(cfg, where), where["threads"]
+        res = run(cfg, out_dir, choices, devices=devices, job_threads=threads)
     if rank_zero_only.rank == 0:  # one line per finished cell, not one per DDP rank
         print(summary(res), flush=True)
-    return res["metrics"][headline(res["metrics"])]
+    return res, False
 
 
 if __name__ == "__main__":

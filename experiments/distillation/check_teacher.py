@@ -20,7 +20,9 @@ from pathlib import Path
 import torch
 from hydra import compose, initialize_config_dir
 
-from transfer_lab.run import build_model, prepare, source_stage
+from transfer_lab.builders import build_model
+from transfer_lab.run import prepare
+from transfer_lab.source_stage import source_stage
 from transfer_lab.strategies.distill import kd_loss
 
 CONF = Path(__file__).resolve().parents[2] / "conf"

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from transfer_lab.strategies.base import Strategy
+from transfer_lab.strategies.finetune import Finetune
 
 KEY = "0123456789abcdef0123"
 
@@ -57,30 +57,31 @@ def write_pickle_bomb(path: Path, marker: Path, wrap_state: bool = True) -> Path
     return path
 
 
-class NaNLoss(Strategy):
+class NaNLoss(Finetune):
     """Test-only strategy: finetune whose loss turns non-finite at ``at_step`` (a numerical fault)."""
 
-    def __init__(self, at_step: int = 1, train_bn: bool = False) -> None:
-        super().__init__(train_bn)
+    def __init__(self, at_step: int = 1) -> None:
+        super().__init__()
         self.at_step = at_step
         self.steps = 0
 
-    def loss(self, module, batch, outputs):
+    def loss(self, model, batch, task_loss):
+        out = super().loss(model, batch, task_loss)
         self.steps += 1
         if self.steps > self.at_step:
-            return outputs.sum() * float("nan")
-        return None
+            out.terms["nan"] = out.outputs.sum() * float("nan")
+        return out
 
 
-class SlowFinetune(Strategy):
+class SlowFinetune(Finetune):
     """Test-only finetune that sleeps ``sleep_s`` per training step, so a test can kill a run
     mid-epoch; the arithmetic is plain fine-tuning (same results as ``finetune``)."""
 
-    def __init__(self, sleep_s: float = 0.0, train_bn: bool = False) -> None:
-        super().__init__(train_bn)
+    def __init__(self, sleep_s: float = 0.0) -> None:
+        super().__init__()
         self.sleep_s = sleep_s
 
-    def loss(self, module, batch, outputs):
+    def loss(self, model, batch, task_loss):
         if self.sleep_s:
             time.sleep(self.sleep_s)
-        return None
+        return super().loss(model, batch, task_loss)

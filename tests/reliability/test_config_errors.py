@@ -130,7 +130,7 @@ def test_preflight_build_accepts_every_shipped_strategy(name):
     """No false alarms: each strategy's default config builds from a same-architecture source."""
     from hydra.utils import instantiate
 
-    from transfer_lab.run import build_model
+    from transfer_lab.builders import build_model
 
     cfg = compose_cfg(f"strategy={name}")
     strategy = instantiate(cfg.strategy)

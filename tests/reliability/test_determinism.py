@@ -14,6 +14,7 @@ from transfer_lab.io import sha256_file
 from transfer_lab.run import run
 
 
+@pytest.mark.slow
 def test_same_config_and_seed_give_identical_results(tmp_path):
     """Two full runs, each training its own source (separate stores), then fine-tuning."""
     results = []
@@ -28,18 +29,24 @@ def test_same_config_and_seed_give_identical_results(tmp_path):
     assert a["source"]["key"] == b["source"]["key"]
     assert a["source"]["test/acc"] == b["source"]["test/acc"]
     assert a["metrics"] == b["metrics"]
+    # bit-equal results need the same CPU thread count: every result records it
+    assert a["env"]["threads"] == torch.get_num_threads() and a["env"]["job_threads"] is None
     assert sha256_file(tmp_path / "a" / "target.safetensors") == sha256_file(tmp_path / "b" / "target.safetensors")
     assert (sha256_file(tmp_path / "store_a" / a["source"]["key"] / "model.safetensors")
             == sha256_file(tmp_path / "store_b" / b["source"]["key"] / "model.safetensors"))
 
 
-def shaped(seed: int, **kw) -> SyntheticData:
-    base = dict(num_classes=5, shape=(1, 8, 8), n_train=40, n_test=8, classes=[4, 0, 2],
-                samples_per_class=6, val_fraction=0.2, seed=seed)
-    return SyntheticData(**{**base, **kw}).prepare()
+@pytest.fixture
+def shaped(synth):
+    """``shaped(seed, **kw)``: 3 of 5 classes, 6 labels each, a 20% validation split."""
+    def make(seed: int, **kw) -> SyntheticData:
+        return synth(**{**dict(num_classes=5, shape=(1, 8, 8), n_train=40, n_test=8, classes=[4, 0, 2],
+                               samples_per_class=6, val_fraction=0.2, seed=seed), **kw})
+
+    return make
 
 
-def test_budget_subset_and_class_split_depend_only_on_the_seed():
+def test_budget_subset_and_class_split_depend_only_on_the_seed(shaped):
     ref = shaped(0)
     torch.manual_seed(5)
     np.random.seed(5)
@@ -56,7 +63,7 @@ def _rows(dm: SyntheticData) -> set[bytes]:
 
 
 @pytest.mark.parametrize("seed", [0, 1])
-def test_budgets_are_nested_and_validation_is_budget_independent(seed):
+def test_budgets_are_nested_and_validation_is_budget_independent(seed, shaped):
     """A larger budget keeps every image of a smaller one; the validation split never moves."""
     small, large = shaped(seed, samples_per_class=3), shaped(seed, samples_per_class=9)
     assert _rows(small) <= _rows(large)

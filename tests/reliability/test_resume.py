@@ -25,6 +25,7 @@ def _cli(tmp_path, *extra: str) -> list[str]:
             f"store_dir={tmp_path / 'store'}", *TINY, *ARGS, *extra]
 
 
+@pytest.mark.slow
 def test_sigkilled_run_resumes_from_its_last_checkpoint(tmp_path):
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")]),
            "OMP_NUM_THREADS": "1"}
@@ -57,6 +58,7 @@ def test_sigkilled_run_resumes_from_its_last_checkpoint(tmp_path):
 
 
 
+@pytest.mark.slow
 def test_resumed_run_matches_an_uninterrupted_one(tmp_path, monkeypatch):
     from transfer_lab.module import TransferModule
 
@@ -97,13 +99,12 @@ def test_paired_loaders_resume_at_the_uninterrupted_batches(kind):
     import torch
 
     from transfer_lab.data.loader import BatchLoader
-    from transfer_lab.strategies.dann import _Paired
-    from transfer_lab.strategies.multitask import JointLoader
+    from transfer_lab.data.paired import PairedLoader
 
     def make():
         a = BatchLoader(torch.arange(70), torch.arange(70), 16, shuffle=True, seed=1)  # 5 batches
         b = BatchLoader(torch.arange(30) + 100, torch.arange(30), 16, shuffle=True, seed=2)  # 2
-        return JointLoader(a, b) if kind == "multitask" else _Paired(a, b)
+        return PairedLoader(a, b)
 
     def flat(batch):
         return torch.cat([t.flatten() for t in torch.utils._pytree.tree_leaves(batch)]).tolist()
@@ -117,3 +118,27 @@ def test_paired_loaders_resume_at_the_uninterrupted_batches(kind):
         resumed = make()
         resumed.set_epoch(e)
         assert [flat(b) for b in resumed] == epochs[e]
+
+
+def test_a_failure_while_checkpointing_leaves_a_record_and_no_truncated_checkpoint(tmp_path, monkeypatch):
+    """Disk full while Lightning writes ``last.ckpt``: the half-written file is removed (a later
+    resume must not trip over it) and results.json says which stage failed."""
+    import errno
+
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from transfer_lab.results import RunFailed
+
+    def disk_full(self, trainer, filepath):
+        os.makedirs(os.path.dirname(filepath), exist_ok=True)
+        with open(filepath, "wb") as f:
+            f.write(b"PK\x03\x04 truncated")
+        raise OSError(errno.ENOSPC, "No space left on device", filepath)
+
+    monkeypatch.setattr(ModelCheckpoint, "_save_checkpoint", disk_full)
+    cfg = compose_cfg("strategy=finetune", "source.epochs=1", "target.epochs=2", store=tmp_path / "store")
+    with pytest.raises(RunFailed, match="^target stage failed: OSError: .*No space left on device"):
+        run(cfg, tmp_path / "out")
+    res = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert (res["status"], res["stage"]) == ("failed", "target")
+    assert not (tmp_path / "out" / "checkpoints" / "last.ckpt").exists()

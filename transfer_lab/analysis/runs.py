@@ -24,7 +24,8 @@ from transfer_lab.checkpoint import load_trainable
 from transfer_lab.data.datamodule import TransferDataModule
 from transfer_lab.errors import ConfigError
 from transfer_lab.models.classifier import Classifier
-from transfer_lab.run import build_model, checkpoint_source, make_datamodule
+from transfer_lab.builders import build_model, make_datamodule
+from transfer_lab.source_stage import checkpoint_source
 
 
 @dataclass

@@ -1,0 +1,202 @@
+"""Builders: the leaves of a run (data module, model, TransferModule, Trainer, loggers) from config.
+
+Every leaf is instantiated by Hydra from its ``_target_``; this file only injects what the run
+knows (seed, input shape, number of classes, output directory) and turns a constructor's
+failure into one ``ConfigError`` line instead of Hydra's multi-line ``InstantiationException``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from hydra.errors import InstantiationException
+from hydra.utils import instantiate
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.utilities import rank_zero_only
+from omegaconf import DictConfig, OmegaConf
+
+from transfer_lab.data.datamodule import TransferDataModule
+from transfer_lab.errors import ConfigError
+from transfer_lab.models.classifier import Classifier
+from transfer_lab.module import TransferModule
+from transfer_lab.strategies.base import Strategy
+
+log = logging.getLogger("transfer_lab")
+
+
+def build(node: Any, where: str, /, **kwargs: Any) -> Any:
+    """``instantiate(node, **kwargs)``; a ConfigError raised inside a constructor comes out as
+    itself (Hydra wraps it), any other constructor failure as one line naming ``where``."""
+    try:
+        return instantiate(node, **kwargs)
+    except InstantiationException as e:
+        cause = e.__cause__
+        while cause is not None and not isinstance(cause, ConfigError):
+            cause = cause.__cause__
+        if cause is not None:
+            raise cause from None
+        inner = e.__cause__ or e
+        first = (str(inner).strip().splitlines() or [""])[0]
+        target = node.get("_target_") if isinstance(node, (dict, DictConfig)) else None
+        raise ConfigError(f"{where}: {target} cannot be built from this config "
+                          f"({type(inner).__name__}: {first})") from None
+
+
+def task_of(dm: TransferDataModule) -> str:
+    """``classification`` unless the data module declares another task (``TableData``: regression)."""
+    return getattr(dm, "task", "classification")
+
+
+def scheduler_of(cfg: DictConfig, stage: str) -> str:
+    """A stage's learning-rate schedule (``none`` when the key is unset or null)."""
+    return str(cfg[stage].get("scheduler") or "none")
+
+
+def make_datamodule(data_cfg: DictConfig, seed: int, key: str,
+                    default_shape: tuple[int, int, int] | None = None) -> TransferDataModule:
+    """Instantiate a data config; unset channels/size default to ``default_shape`` (the source's)."""
+    extra: dict[str, Any] = {"seed": int(seed), "key": key}
+    if default_shape is not None:
+        if data_cfg.get("channels") is None:
+            extra["channels"] = default_shape[0]
+        if data_cfg.get("image_size") is None:
+            extra["image_size"] = default_shape[-1]
+    dm = build(data_cfg, key, **extra)
+    if not isinstance(dm, TransferDataModule):
+        raise ConfigError(f"{key}._target_={data_cfg.get('_target_')}: not a TransferDataModule")
+    return dm
+
+
+def build_model(model_cfg: DictConfig, dm: TransferDataModule | None = None, *,
+                input_shape: tuple[int, ...] | None = None, num_classes: int | None = None,
+                key: str = "model") -> Classifier:
+    """A model for ``dm``'s input shape and classes (or the ones given)."""
+    c, _, s = input_shape or dm.input_shape
+    return build(model_cfg, key, in_channels=c, image_size=s, num_classes=num_classes or dm.num_classes)
+
+
+def rng_state() -> dict[str, Any]:
+    """The global RNG states a model build consumes (python, numpy, torch CPU)."""
+    import random
+
+    import numpy as np
+
+    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    """Put back a ``rng_state()`` snapshot: what follows draws as if nothing ran in between."""
+    import random
+
+    import numpy as np
+
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+
+
+def make_strategy(cfg: DictConfig) -> Strategy:
+    strategy = build(cfg.strategy, "strategy")
+    if not isinstance(strategy, Strategy):
+        raise ConfigError(f"strategy._target_={cfg.strategy._target_}: not a transfer_lab Strategy")
+    return strategy
+
+
+def make_module(cfg: DictConfig, stage: str, model: torch.nn.Module, strategy: Strategy,
+                dm: TransferDataModule, class_weights: torch.Tensor | None = None) -> TransferModule:
+    """The ``TransferModule`` of one stage: its optimizer, schedule and the data's task."""
+    opt = cfg[stage].optimizer
+    return TransferModule(model, strategy, instantiate(opt, _partial_=True), lr=float(opt.lr),
+                          num_classes=dm.num_classes, class_weights=class_weights,
+                          scheduler=scheduler_of(cfg, stage), task=task_of(dm),
+                          target_norm=getattr(dm, "target_norm", None))
+
+
+def make_trainer(cfg: DictConfig, stage: str, out_dir: Path, callbacks: list,
+                 devices: Any = None) -> L.Trainer:
+    """The shared ``trainer`` config plus the stage's own ``epochs`` and ``trainer`` overrides."""
+    kwargs = dict(OmegaConf.to_container(cfg.trainer, resolve=True))
+    if devices is not None:
+        kwargs["devices"] = devices
+    if stage == "source":  # one device, one process: see source_stage
+        d = kwargs.get("devices")
+        kwargs.update(devices=d if isinstance(d, list) and len(d) == 1 else 1, num_nodes=1,
+                      strategy="auto" if "ddp" in str(kwargs.get("strategy")) else kwargs.get("strategy"))
+    kwargs.update(OmegaConf.to_container(cfg[stage].trainer, resolve=True) or {})
+    if kwargs.get("enable_progress_bar") is None:
+        kwargs["enable_progress_bar"] = sys.stderr.isatty() and not os.environ.get("CI")
+    kwargs.update({k: v for k, v in length_of(cfg, stage).items() if k not in kwargs})
+    # the callbacks group (e.g. performance options) runs beside the strategy's own
+    configured = make_callbacks(cfg) + [build(c, "trainer.callbacks") for c in kwargs.pop("callbacks", None) or []]
+    if any(isinstance(c, ModelCheckpoint) for c in callbacks):
+        kwargs["enable_checkpointing"] = True
+    return build(kwargs, "trainer", logger=make_loggers(cfg, out_dir, stage),
+                 callbacks=[*configured, *callbacks], default_root_dir=str(out_dir))
+
+
+def length_of(cfg: DictConfig, stage: str) -> dict[str, Any]:
+    """Trainer arguments for a stage's length: ``steps`` (total optimizer steps, when set)
+    replaces ``epochs``; ``val_check_interval`` validates every N steps instead of every epoch."""
+    steps = cfg[stage].get("steps")
+    out: dict[str, Any] = ({"max_steps": int(steps), "max_epochs": -1} if steps is not None
+                           else {"max_epochs": int(cfg[stage].epochs)})
+    every = cfg[stage].get("val_check_interval")
+    if every is not None:  # Lightning counts an int across epochs only without an epoch cadence
+        out.update(val_check_interval=every, check_val_every_n_epoch=None)
+    return out
+
+
+def make_loggers(cfg: DictConfig, out_dir: Path, stage: str) -> list | bool:
+    """The ``logger`` group's loggers (``conf/logger/``), each writing under ``<out_dir>/<stage>``."""
+    node = cfg.get("logger")
+    if node is None:
+        return False
+    if not isinstance(node, DictConfig) or any(not isinstance(v, DictConfig) for v in node.values()):
+        raise ConfigError(f"logger={OmegaConf.to_container(node) if isinstance(node, DictConfig) else node}: "
+                          "choose options of conf/logger/ (csv, tensorboard, none; several: "
+                          "logger=[csv,tensorboard])")
+    loggers = [build(v, f"logger.{k}", save_dir=str(out_dir), name=stage) for k, v in node.items()]
+    return loggers or False
+
+
+def make_callbacks(cfg: DictConfig) -> list:
+    """The ``callbacks`` group's Lightning callbacks (``conf/callbacks/``), for every stage."""
+    node = cfg.get("callbacks") or {}
+    return [build(v, f"callbacks.{k}") for k, v in node.items() if v is not None]
+
+
+def resume_callbacks(cfg: DictConfig, ckpt_dir: Path) -> list:
+    """The last epoch's state, so a killed cell resumes rather than restarts (``resume=true``)."""
+    if not cfg.get("resume", True):
+        return []
+    return [ModelCheckpoint(dirpath=ckpt_dir, filename="last", save_top_k=1, monitor=None,
+                            enable_version_counter=False)]
+
+
+def last_checkpoint(ckpt_dir: Path) -> tuple[Path, int] | None:
+    """``(path, epoch)`` of a readable ``last.ckpt``; an unreadable one (killed mid-write) is dropped."""
+    found = readable_checkpoint(ckpt_dir)
+    if found is not None:
+        log.info("resuming %s from its checkpoint after epoch %d", ckpt_dir.parent, found[1])
+    return found
+
+
+def readable_checkpoint(ckpt_dir: Path) -> tuple[Path, int] | None:
+    """``last.ckpt`` and its epoch if it can be read; a damaged one is removed (rank 0)."""
+    path = ckpt_dir / "last.ckpt"
+    if not path.is_file():
+        return None
+    try:  # tensors + primitives: weights_only refuses anything that would run code on unpickling
+        epoch = int(torch.load(path, map_location="cpu", weights_only=True)["epoch"])
+    except Exception as e:  # noqa: BLE001 — any damage means: start this cell over
+        log.warning("removing unreadable checkpoint %s (%s)", path, e)
+        if rank_zero_only.rank == 0:
+            path.unlink(missing_ok=True)
+        return None
+    return path, epoch

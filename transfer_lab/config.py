@@ -1,0 +1,72 @@
+"""The schema of the run's own keys: typed dataclasses in Hydra's ConfigStore.
+
+``conf/train.yaml`` starts from ``run_schema`` (its first default), so a wrong type or an
+unknown key of the run itself (``seed=abc``, ``target.save_weights=al``, ``target.epoch=3``)
+fails when Hydra composes, naming the key and, for choices, the valid values. The leaves
+(data, model, optimizer, strategy, trainer, logger, callbacks) stay ``Any``: each is checked
+against its own constructor (``validate.check_leaf``) and built by ``builders``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any, Optional
+
+from hydra.core.config_store import ConfigStore
+
+
+class SaveWeights(str, Enum):
+    """What of the target is written: ``auto`` = only what trained when anything is frozen."""
+
+    auto = "auto"
+    trainable = "trainable"
+    full = "full"
+    none = "none"
+
+
+@dataclass
+class Stage:
+    """Keys both stages share; ``data``/``model``/``optimizer`` are config-group leaves."""
+
+    epochs: int = 3
+    steps: Optional[int] = None  # total optimizer steps; replaces epochs when set
+    val_check_interval: Any = None  # validate every N steps (int) or fraction of an epoch
+    scheduler: Any = "none"  # learning-rate schedule (a name, or a scheduler config)
+    trainer: Any = field(default_factory=dict)  # extra Trainer kwargs for this stage only
+    data: Any = None
+    model: Any = None
+    optimizer: Any = None
+
+
+@dataclass
+class SourceStage(Stage):
+    checkpoint: Optional[str] = None  # a knowledge package, .safetensors or weights-only checkpoint
+    wait_timeout_s: float = 24 * 3600.0  # DDP ranks ≠ 0: how long to wait for rank 0's store entry
+
+
+@dataclass
+class TargetStage(Stage):
+    epochs: int = 30
+    save_weights: SaveWeights = SaveWeights.auto
+
+
+@dataclass
+class RunConfig:
+    seed: int = 0
+    store_dir: str = "store"
+    data_dir: str = "data"  # conf/train.yaml: $TRANSFER_LAB_DATA, else data/ inside the repository
+    resume: bool = True
+    transferability: bool = True
+    optimized_metric: Optional[str] = None
+    source: SourceStage = field(default_factory=SourceStage)
+    target: TargetStage = field(default_factory=TargetStage)
+    strategy: Any = None
+    trainer: Any = None
+    logger: Any = None
+    callbacks: Any = None
+
+
+def register() -> None:
+    """Store the schema as ``run_schema`` (idempotent: ConfigStore replaces an entry)."""
+    ConfigStore.instance().store(name="run_schema", node=RunConfig)
