@@ -23,8 +23,8 @@ from transfer_lab.builders import (build_model, make_module, make_trainer, sched
 from transfer_lab.data.datamodule import TransferDataModule
 from transfer_lab.errors import ConfigError
 from transfer_lab.io import read_weights, sha256_file
-from transfer_lab.models.weights import model_data_config
 from transfer_lab.models.classifier import Classifier
+from transfer_lab.models.weights import model_data_config
 from transfer_lab.module import NonFiniteLossError
 from transfer_lab.store import SourceStore, load_state_dict, store_key
 from transfer_lab.strategies.base import Strategy
@@ -67,10 +67,13 @@ def source_stage(cfg: DictConfig, strategy: Strategy, dm: TransferDataModule | N
     """
     if not strategy.needs_source:
         return None, {"used": False, "cache_hit": None}
-    if dm is None:  # data=none: the pretrained model as it is
+    if dm is None:  # data=none: the pretrained model as it is (built by run.prepare)
+        if model is None:
+            raise ValueError("source_stage: a source without data needs its model (pretrained_model)")
         return pretrained_source(cfg, model)
     # the stored or external state dict replaces every weight: the init file is not read again
-    model = model if model is not None else build_model(without_weights(cfg.source.model), dm, key="source.model")
+    if model is None:
+        model = build_model(without_weights(cfg.source.model), dm, key="source.model")
     if cfg.source.get("checkpoint"):
         return checkpoint_source(cfg, dm, model)
     spec = source_spec(cfg, dm)
@@ -228,7 +231,8 @@ def checkpoint_source(cfg: DictConfig, dm: TransferDataModule,
                       model: Classifier | None = None) -> tuple[Classifier, dict]:
     """An external source: a knowledge package, safetensors file or weights-only checkpoint."""
     path = cfg.source.checkpoint
-    model = model if model is not None else build_model(without_weights(cfg.source.model), dm, key="source.model")
+    if model is None:
+        model = build_model(without_weights(cfg.source.model), dm, key="source.model")
     load_into(model, load_state_dict(path), f"source.checkpoint={path}")
     return model, {"used": True, "checkpoint": str(path), "cache_hit": None}
 
