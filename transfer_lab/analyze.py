@@ -131,8 +131,8 @@ def run_transferability(run_dir: Path, store: str | None, max_samples: int) -> d
     source = load_source(results, cfg, run_dir, store)
     if source is None:
         raise ConfigError(f"{run_dir}: strategy={results['strategy']} used no source to score")
-    dm = make_datamodule(cfg.target.data, cfg.seed, "target.data",
-                         default_shape=tuple(source.input_shape)).prepare()
+    dm = make_datamodule(cfg.target.data, cfg.seed, "target.data", default_shape=tuple(source.input_shape),
+                         model_cfg=cfg.target.get("model") or cfg.source.model).prepare()
     scores = transferability(source, dm, max_samples=max_samples)
     cache.parent.mkdir(exist_ok=True)
     atomic_write_text(cache, json.dumps(scores, indent=1))

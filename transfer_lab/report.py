@@ -72,7 +72,9 @@ def row_of(cell: loader.Cell) -> dict[str, Any]:
     row.update({c: metrics.get(f"test/{c}") for c in ("balanced_acc", "rmse")})
     row.update({c: (res.get("transferability") or {}).get(c) for c in SCORES})
     row["per_class"] = (res.get("per_class") or {}).get("test/acc")
-    row["classes"] = (((res.get("data") or {}).get("target") or {}).get("classes"))
+    target = (res.get("data") or {}).get("target") or {}
+    # image folders name their classes (folder names, in the remapped order); others have labels
+    row["classes"] = target.get("class_names") or target.get("classes")
     return row
 
 
