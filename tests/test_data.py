@@ -147,6 +147,11 @@ def test_normalisation_override_replaces_the_statistics():
     (dict(mean=[0.5], std=[float("inf")]), "data.std=.*expected a list of finite numbers"),
     (dict(mean=[0.5, 0.5], std=[1.0]), "data.mean has 2 values, data.std 1"),
     (dict(mean="0.5", std=[1.0]), "data.mean='0.5': expected a list"),
+    # pixels are scaled to [0, 1] before normalising: 0–255-scale statistics must be refused
+    (dict(mean=[123.675, 116.28, 103.53], std=[58.395, 57.12, 57.375]),
+     r"data.mean=\[123.675, 116.28, 103.53\]: statistics are in \[0, 1\] pixel units; divide 0–255 values by 255"),
+    (dict(mean=[0.5], std=[58.395]), r"data.std=\[58.395\]: statistics are in \[0, 1\] pixel units"),
+    (dict(mean=[-0.1], std=[0.2]), r"data.mean=\[-0.1\]: statistics are in \[0, 1\] pixel units"),
 ])
 def test_normalisation_override_is_checked_at_construction(kw, expect):
     with pytest.raises(ConfigError, match=expect):

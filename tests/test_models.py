@@ -81,7 +81,7 @@ def test_torchvision_named_weights_declare_their_statistics():
 
 def test_mobilenet_hidden_layer_is_backbone_and_transfers():
     """issue 13: MobileNetV3's 576→1024 Linear was head (39% of its parameters never transferred)."""
-    from transfer_lab.strategies.base import copy_backbone
+    from transfer_lab.strategies.common import copy_backbone
 
     torch.manual_seed(0)
     src = torchvision_model(3, 32, 4, arch="mobilenet_v3_small")

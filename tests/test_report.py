@@ -250,7 +250,7 @@ def test_regression_results_get_an_r2_table(tmp_path):
     assert t.loc["finetune", "gain_vs_scratch"] == pytest.approx(0.2)
     assert t.loc["finetune", "source_r2"] == pytest.approx(0.95)
     assert "| finetune | 10 | 0.7500 ± 0.0707 | 2 | 0,1 | ± 0.6353 | 0.5000 | 0.2000 | +0.2000 ± 0.0000 " \
-        "significant | 2/2 | 0.5000 | 0.9500 |" in res["markdown"]
+        "not significant: n too small for p < 0.05 | 2/2 | 0.5000 | 0.9500 |" in res["markdown"]
     assert "| strategy | labels/class | test/r2 mean ± std |" in res["markdown"]
     assert {p.name for p in (tmp_path / "report").iterdir()} == {
         "report.md", "report.csv", "r2_vs_budget.png", "r2_bars_budget_10.png"}
@@ -266,3 +266,16 @@ def test_a_mixed_directory_gets_one_table_per_metric(tmp_path):
     assert res["sections"]["r2"]["table"]["r2_mean"].tolist() == [0.3]
     assert "## Classification: test/acc" in res["markdown"] and "## Regression: test/r2" in res["markdown"]
     assert pd.read_csv(tmp_path / "report" / "report_r2.csv")["rmse_mean"].tolist() == [1.0]
+
+
+def test_per_class_table_is_named_by_image_folder_class_names(tmp_path):
+    """An image folder's classes are its folder names (results.json data.target.class_names):
+    the per-class table is headed by them, not by the remapped label indices."""
+    data = {"target": {"classes": [0, 1], "class_names": ["frog", "ship"]}}
+    for seed, per in enumerate([[0.9, 0.5], [0.7, 0.7]]):
+        fake_result(tmp_path / f"f{seed}", "finetune", seed, 0.7, extra={
+            "data": data, "per_class": {"test/acc": per}})
+    res = report(tmp_path, plot=False)
+    per = pd.read_csv(tmp_path / "report" / "per_class.csv").set_index("strategy")
+    assert per.loc["finetune", ["class frog", "class ship"]].tolist() == pytest.approx([0.8, 0.6])
+    assert "| strategy | labels/class | n | class frog | class ship |" in res["markdown"]

@@ -1,8 +1,10 @@
 """The report under the comparison protocol (issue 14): convergence marks, paired statistics per
 context, ``--baseline``, comparison.json, effective labels; grouping that ignores NON_RESULT_KEYS."""
 
+import ast
 import json
 import math
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -30,7 +32,7 @@ def test_non_converged_cells_are_marked_and_listed(tmp_path):
     md = res["markdown"]
     assert "| scratch | 10 | 0.5000 ± 0.0000 † |" in md and "| finetune | 10 | 0.7000 ± 0.0000 |" in md
     # the finetune pair leans on a non-converged scratch cell: marked too
-    assert "+0.2000 ± 0.0000 significant † | 3/3 |" in md
+    assert "+0.2000 ± 0.0000 not significant: n too small for p < 0.05 † | 3/3 |" in md
     footnote = md.split("† Not converged (1 cell):")[1]
     assert f"- `{tmp_path / 's2'}` (scratch, seed 2): val_change=0.0310, loss_change=-0.2000" in footnote
     csv = pd.read_csv(tmp_path / "report" / "report.csv").set_index("strategy")
@@ -52,7 +54,7 @@ def write_pairs(root, budget, diffs, scratch_base=0.5):
 
 def test_paired_statistics_pair_by_seed_within_each_budget(tmp_path):
     write_pairs(tmp_path, 10, DIFFS)
-    write_pairs(tmp_path, 50, [0.1, 0.12, 0.08], scratch_base=0.7)  # CI [.050, .150]: significant
+    write_pairs(tmp_path, 50, [0.1, 0.12, 0.08], scratch_base=0.7)  # CI [.050, .150] excludes 0, p .25
     fake_result(tmp_path / "f10_9", "finetune", 9, 0.99, 10)  # no scratch seed 9: unpaired
     res = report(tmp_path, plot=False)
     t = res["table"].set_index(["strategy", "target.data.samples_per_class"])
@@ -62,11 +64,12 @@ def test_paired_statistics_pair_by_seed_within_each_budget(tmp_path):
     assert b10["paired_diff_ci95"] == pytest.approx(3.182446 * math.sqrt(0.0007) / 2, rel=1e-5)
     assert b10["p_value"] == pytest.approx(0.25) and not b10["significant"]
     assert (b50["n_pairs"], b50["wins"]) == (3, 3) and b50["paired_diff_mean"] == pytest.approx(0.1)
-    assert b50["significant"] and b50["p_value"] == pytest.approx(0.25)
+    assert not b50["significant"] and b50["p_value"] == pytest.approx(0.25)  # the CI alone is not enough
     assert t.loc[("scratch", 10), "n_pairs"] == 0  # the baseline is not paired with itself
     md = res["markdown"]
-    assert "| +0.0250 ± 0.0421 not significant | 3/4 | 0.2500 |" in md
-    assert "| +0.1000 ± 0.0497 significant | 3/3 | 0.2500 |" in md
+    assert "| +0.0250 ± 0.0421 not significant: n too small for p < 0.05 | 3/4 | 0.2500 |" in md
+    assert "| +0.1000 ± 0.0497 not significant: n too small for p < 0.05 | 3/3 | 0.2500 |" in md
+    assert "significant |" not in md.replace("not significant", "")  # never beside p = 0.25
     assert "two-sided Wilcoxon signed-rank test (scipy), exact p-value" in md
     assert "here the fewest pairs is 3 (smallest possible p 0.25)" in md
     csv = pd.read_csv(tmp_path / "report" / "report.csv")
@@ -171,3 +174,41 @@ def test_no_effective_labels_below_three_scratch_budgets(tmp_path):
     write_pairs(tmp_path, 10, [0.1])
     res = report(tmp_path, plot=False)
     assert res["effective"] is None and "Effective labels" not in res["markdown"]
+
+
+def test_the_baseline_fallback_ignores_only_source_keys(tmp_path):
+    """Scratch trains no source, so a group with another source model still pairs with it; any
+    other difference (here a top-level ``precision`` key) must not be absorbed into the gain."""
+    runs = {"f32c": ("convnet", "32", 0.1), "f32l": ("lenet", "32", 0.05),
+            "f16l": ("lenet", "bf16-mixed", 0.2)}  # finetune: source model, precision, gain
+    for budget, acc in ((5, 0.5), (10, 0.6), (20, 0.7)):
+        for seed in (0, 1, 2):
+            run = {"seed": seed, "budget": budget}
+            fake_result(tmp_path / f"s{budget}_{seed}", "scratch", acc=acc + 0.01 * seed,
+                        config={"precision": "32"}, **run)  # scratch: convnet, 32 only
+            for name, (model, precision, gain) in runs.items():
+                fake_result(tmp_path / f"{name}{budget}_{seed}", "finetune", acc=acc + gain + 0.01 * seed,
+                            model=model, config={"precision": precision}, **run)
+    res = report(tmp_path, plot=False)
+    assert {"source.model", "precision"} <= set(res["keys"])
+    t = res["table"]
+    t = t[t["strategy"] == "finetune"].set_index(["source.model", "precision", "target.data.samples_per_class"])
+    for budget in (5, 10, 20):
+        for model, precision, gain in runs.values():
+            row = t.loc[(model, precision, budget)]
+            if precision == "32":  # the same context, or only the source differs: paired
+                assert row["n_pairs"] == 3 and row["paired_diff_mean"] == pytest.approx(gain)
+                assert row["gain_vs_scratch"] == pytest.approx(gain)
+            else:  # no bf16 scratch: nothing to compare with
+                assert row["n_pairs"] == 0 and math.isnan(row["gain_vs_scratch"])
+    assert set(res["effective"]["precision"]) == {"32"} and len(res["effective"]) == 6
+
+
+def test_the_budget_key_is_defined_once():
+    """One ``BUDGET`` (analysis/collect.py), imported wherever the report needs it."""
+    root = Path(__file__).resolve().parents[1] / "transfer_lab"
+    defined = sorted(str(p.relative_to(root)) for p in root.rglob("*.py")
+                     for node in ast.parse(p.read_text()).body
+                     if isinstance(node, ast.Assign)
+                     and any(getattr(t, "id", None) == "BUDGET" for t in node.targets))
+    assert defined == ["analysis/collect.py"]

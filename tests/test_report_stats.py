@@ -70,15 +70,21 @@ def test_paired_statistics_by_hand(diffs, mean, half, wins, p):
     assert s["p_value"] == pytest.approx(stats.wilcoxon(diffs).pvalue)
 
 
+SMALL = "not significant: n too small for p < 0.05"  # fewer than 6 pairs: p ≥ 2/2^5 > 0.05
+
+
 @pytest.mark.parametrize("diffs, word", [
-    ([0.02, 0.05, -0.01, 0.04], "not significant"),  # CI [-0.017, 0.067] crosses 0
-    ([0.1, 0.12, 0.08], "significant"),               # CI [0.050, 0.150]
-    ([-0.1, -0.3, -0.2, -0.4, -0.5, -0.6], "significant"),
-    ([0.3], "not significant"),                       # one pair: no CI at all
-    ([0.0, 0.0, 0.0], "not significant"),
+    ([0.02, 0.05, -0.01, 0.04, 0.03, -0.02], "not significant"),  # CI crosses 0
+    ([0.1, 0.12, 0.08], SMALL),  # CI [0.050, 0.150] excludes 0, but the exact p is at least 0.25
+    ([-0.1, -0.3, -0.2, -0.4, -0.5, -0.6], "significant"),  # CI excludes 0 and p = 2/64
+    ([0.1, 0.1, 0.1, 0.1, 0.1, -0.01], "not significant"),  # CI [.035, .129] excludes 0; p .0625
+    ([0.3], SMALL),  # one pair: no CI at all
+    ([0.0, 0.0, 0.0], SMALL),
 ])
-def test_a_ci_crossing_zero_is_not_significant(diffs, word):
-    assert verdict(paired_stats(diffs)) == word
+def test_significant_needs_the_ci_to_exclude_0_and_p_below_005(diffs, word):
+    s = paired_stats(diffs)
+    assert verdict(s) == word
+    assert s["significant"] == (word == "significant")
 
 
 @pytest.mark.parametrize("diffs, wins", [([0.1, -0.1, 0.0, 0.2], 2), ([0.0, 0.0], 0), ([-0.1], 0)])

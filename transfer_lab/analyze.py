@@ -61,7 +61,7 @@ def analyze_run(run_dir: str | Path, store: str | None = None, probe: int = 500,
                                        linear_cka, predict, relative_drift)
     from transfer_lab.analysis.plots import save_run_figures
     from transfer_lab.analysis.runs import load_run
-    from transfer_lab.strategies.base import match_modules
+    from transfer_lab.strategies.common import match_modules
 
     run = load_run(run_dir, store)
     dm = run.target_dm
@@ -131,8 +131,8 @@ def run_transferability(run_dir: Path, store: str | None, max_samples: int) -> d
     source = load_source(results, cfg, run_dir, store)
     if source is None:
         raise ConfigError(f"{run_dir}: strategy={results['strategy']} used no source to score")
-    dm = make_datamodule(cfg.target.data, cfg.seed, "target.data",
-                         default_shape=tuple(source.input_shape)).prepare()
+    dm = make_datamodule(cfg.target.data, cfg.seed, "target.data", default_shape=tuple(source.input_shape),
+                         model_cfg=cfg.target.get("model") or cfg.source.model).prepare()
     scores = transferability(source, dm, max_samples=max_samples)
     cache.parent.mkdir(exist_ok=True)
     atomic_write_text(cache, json.dumps(scores, indent=1))

@@ -36,7 +36,7 @@ from lightning.pytorch.callbacks import Callback
 
 from transfer_lab.data import EmbeddedMNIST, NpzData, TransferDataModule
 from transfer_lab.data.loader import random_crop
-from transfer_lab.models import convnet, resnet_cifar
+from transfer_lab.models import convnet, mlp, resnet_cifar
 from transfer_lab.module import TransferModule
 from transfer_lab.perf import ChannelsLast, Compile
 from transfer_lab.builders import make_trainer
@@ -202,6 +202,48 @@ def bench_framework(args, device: torch.device, work: Path) -> dict:
     return out
 
 
+# --- (g) per-step overhead over the plain loop; K seeds as one vectorised model ------------------
+def bench_seeds(args, device: torch.device, work: Path) -> dict:
+    """(g) For the issue's overhead-bound MLP 784-16-10 and ``convnet`` (MNIST, batch 64): the µs
+    per optimizer step transfer_lab spends over the plain loop (median of paired, alternated
+    runs; the Trainer's construction included), and images/s of K seeds trained as one
+    vectorised model vs the same K seeds one after the other (MNIST-shaped synthetic images:
+    throughput does not depend on pixel values; 100 per class and seed)."""
+    from transfer_lab.vectorized.bench import seeds_throughput, synthetic_mnist
+
+    cfg = framework_cfg(args, device)
+    dm = datasets(args.per_class)["convnet/mnist"][0]
+    steps = args.epochs * -(-len(dm.y_train) // dm.batch_size)
+    out = {}
+    # the models the seed groups train (MODELS): the MLP 784-16-10 and convnet
+    for name, factory in {"mlp": partial(mlp, hidden=(16,)), "convnet": convnet}.items():
+        framework_fit(cfg, dm, factory, work / "warmup", args)  # first-call costs, both sides
+        loop_fit(dm, factory, device, args)
+        extra = []
+        for rep in range(args.reps):  # alternate who goes first: the machine's load drifts
+            s = {}
+            for side in ("framework", "loop")[::1 if rep % 2 == 0 else -1]:
+                s[side] = (framework_fit(cfg, dm, factory, work / name, args) if side == "framework"
+                           else loop_fit(dm, factory, device, args))
+            extra.append((s["framework"] - s["loop"]) / steps * 1e6)
+        seeds = seeds_throughput(name, ks=(1, 4, 8, 16), epochs=args.epochs, device=device.type,
+                                 repeats=args.reps, data=partial(synthetic_mnist, n_per_class=100),
+                                 clock=now)
+        out[name] = {"overhead_us_per_step": statistics.median(extra), "overheads": extra,
+                     "steps": steps, "seeds": seeds}
+        print(f"(g) {name:8s} overhead {out[name]['overhead_us_per_step']:7.0f} µs/step   vectorised "
+              f"seeds: " + "   ".join(f"K={k} {r['vectorised_ips']:.0f} vs {r['separate_ips']:.0f} img/s "
+                                     f"({r['speedup']:.2f}×)" for k, r in seeds.items()), flush=True)
+    return out
+
+
+def seeds_summary(res: dict) -> dict:
+    """The two headline figures of (g): ``{"mlp": …, "convnet": …}`` each (K = 8 vs 8 runs)."""
+    g = res.get("g", {})
+    return {"overhead_us_per_step": {m: r["overhead_us_per_step"] for m, r in g.items()} or None,
+            "vectorised_seeds_speedup": {m: r["seeds"][8]["speedup"] for m, r in g.items()} or None}
+
+
 # --- (b) in-memory data path vs torchvision PIL pipeline -----------------------------------------
 def iterate(dm: TransferDataModule, device: torch.device, epochs: int) -> float:
     """Images/s of ``epochs`` training epochs of data alone: batches ready for the model."""
@@ -321,8 +363,9 @@ def bench_process(args, device: torch.device, store: Path, work: Path) -> dict:
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="transfer-lab-bench", description=__doc__.split("\n")[0])
     p.add_argument("--json", action="store_true", help="print one JSON object as the last line")
-    p.add_argument("--parts", default="abcde", help="which figures to measure: subset of abcdef "
-                   "(f: speed-up of each performance option through transfer_lab; not in the default)")
+    p.add_argument("--parts", default="abcdeg", help="which figures to measure: subset of abcdefg "
+                   "(f: speed-up of each performance option through transfer_lab; not in the default; "
+                   "g: per-step overhead and vectorised seeds)")
     p.add_argument("--reps", type=int, default=3, help="alternated repetitions per figure (median)")
     p.add_argument("--epochs", type=int, default=2, help="training epochs per (a) measurement")
     p.add_argument("--per-class", type=int, default=400,
@@ -371,6 +414,8 @@ def main(argv: list[str] | None = None) -> None:
             res["f"] = bench_options(args, device, work)
         if "d" in args.parts or "e" in args.parts:
             res["de"] = bench_process(args, device, Path(res["c"]["store"]), work)
+        if "g" in args.parts:
+            res["g"] = bench_seeds(args, device, work)
     summary = {
         "framework_vs_loop": min((v["ratio"] for v in res.get("a", {}).values()), default=None),
         "data_path_vs_pil": min((v["ratio"] for v in res.get("b", {}).values()), default=None),
@@ -378,6 +423,7 @@ def main(argv: list[str] | None = None) -> None:
         "peak_rss_mb": res.get("de", {}).get("peak_rss_mb"),
         "startup_s": res.get("de", {}).get("startup_s"),
         "bench_peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        **seeds_summary(res),
         "detail": res}
     if args.json:
         print(json.dumps(summary, default=str))

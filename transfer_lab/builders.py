@@ -7,6 +7,7 @@ failure into one ``ConfigError`` line instead of Hydra's multi-line ``Instantiat
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
 import shutil
@@ -90,18 +91,54 @@ def schedule_factory(cfg: DictConfig, stage: str) -> Any:
 
 
 def make_datamodule(data_cfg: DictConfig, seed: int, key: str,
-                    default_shape: tuple[int, int, int] | None = None) -> TransferDataModule:
-    """Instantiate a data config; unset channels/size default to ``default_shape`` (the source's)."""
+                    default_shape: tuple[int, int, int] | None = None,
+                    model_cfg: DictConfig | None = None) -> TransferDataModule:
+    """Instantiate a data config. Unset channels/size default to ``default_shape`` (the source's),
+    else to what the side's model declares (``model_data_overrides``: also its mean/std)."""
     extra: dict[str, Any] = {"seed": int(seed), "key": key}
     if default_shape is not None:
         if data_cfg.get("channels") is None:
             extra["channels"] = default_shape[0]
         if data_cfg.get("image_size") is None:
             extra["image_size"] = default_shape[-1]
+    extra = {**model_data_overrides(data_cfg, model_cfg, extra.get("channels")), **extra}
     dm = build(data_cfg, key, **extra)
     if not isinstance(dm, TransferDataModule):
         raise ConfigError(f"{key}._target_={data_cfg.get('_target_')}: not a TransferDataModule")
     return dm
+
+
+def model_data_overrides(data_cfg: DictConfig, model_cfg: DictConfig | None,
+                         channels: int | None = None) -> dict[str, Any]:
+    """The data settings a side's model declares (``model_data_config``: a pretrained model's
+    mean/std, input size and channels), each only where the data config leaves it unset: an
+    explicit ``image_size`` wins (CPU-sized runs of 224-pixel models). Our own nets declare none.
+    ``channels``: the side's channel count when known otherwise (the source's, for a target)."""
+    from transfer_lab.models.weights import model_data_config
+
+    channels = data_cfg.get("channels") or channels
+    declared = model_data_config(model_cfg, in_channels=channels) if model_cfg is not None else None
+    if declared is None:
+        return {}
+    out: dict[str, Any] = {}
+    if data_cfg.get("mean") is None and data_cfg.get("std") is None:
+        out.update(mean=list(declared["mean"]), std=list(declared["std"]))
+    if data_cfg.get("image_size") is None and declared.get("input_size"):
+        out["image_size"] = int(declared["input_size"][-1])
+    if channels is None:
+        out["channels"] = len(declared["mean"])
+    return out
+
+
+def without_weights(model_cfg: DictConfig) -> DictConfig:
+    """The model config with its weights source unset (``weights``/``checkpoint`` → None): for a
+    model whose every weight comes from elsewhere — a stored or packaged source, whose state dict
+    replaces everything, and a target inheriting the source's config (``scratch`` starts random)."""
+    out = copy.deepcopy(model_cfg)
+    for k in ("weights", "checkpoint"):
+        if out.get(k) is not None:
+            out[k] = None
+    return out
 
 
 def build_model(model_cfg: DictConfig, dm: TransferDataModule | None = None, *,

@@ -103,7 +103,8 @@ class TransferModule(L.LightningModule):
 
     def train(self, mode: bool = True) -> TransferModule:
         """Keep fully frozen parts in eval mode: BatchNorm statistics do not drift (unless the
-        strategy's ``train_bn``) and Dropout does not mask features of a fixed extractor."""
+        strategy's ``train_bn``) and Dropout does not mask features of a fixed extractor.
+        ``on_train_epoch_start`` calls it: Lightning itself does not during fit."""
         super().train(mode)
         if mode:
             hold_frozen_in_eval(self.model, self.strategy.train_bn)
@@ -126,6 +127,11 @@ class TransferModule(L.LightningModule):
         return loss
 
     def on_train_epoch_start(self) -> None:
+        # Lightning 2.6 never calls ``train()`` in fit: it keeps the modes the modules have
+        # (``freeze`` left frozen parts in eval, BatchNorm included, whatever ``train_bn`` says).
+        # This hook runs after the callbacks' (a block a schedule just unfroze trains in training
+        # mode); validation loops capture and restore these modes, so they hold all epoch.
+        self.train()
         self._sums, self._loss_count = {}, 0
         # Lightning sets the epoch only on a loader's ``.sampler``; our in-memory loaders shuffle
         # by their own epoch counter, which a resumed run would restart at 0 (replaying epoch 0's

@@ -4,9 +4,11 @@ A package (a zip, or a directory with the same files — a store entry is one) h
 ``model.safetensors``, ``config.json`` (what rebuilds the model), ``metrics.json`` and
 ``manifest.json`` (each file's SHA-256, and the key). Reading one never runs code and never
 takes more memory than the model it describes: members are read in chunks, hashed as they
-stream and cut off at a cap — small fixed caps for the JSON files, and for the weights the
-size of the model its config describes (parameters × 4 bytes × ``WEIGHT_MARGIN`` + header
-slack); the entry count is capped; symlinks and special files are refused. The config is
+stream (1 MiB chunks) and cut off at a cap — ``SMALL_CAPS`` for the JSON files and the card
+(64 KiB manifest, 1 MiB config and metrics), and for the weights the size of the model its
+config describes (parameters × 4 bytes × ``WEIGHT_MARGIN`` + header slack); a zip whose declared
+sizes exceed the caps is refused before anything is decompressed; at most ``MAX_ENTRIES`` (16)
+entries; symlinks, zip directories and special files are refused. The config is
 parsed as plain JSON and its model built only by an allow-listed factory
 (``transfer_lab.model_spec``); the tensors must then match that model exactly.
 """

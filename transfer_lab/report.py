@@ -35,7 +35,7 @@ from transfer_lab.analysis import collect as loader
 from transfer_lab.analysis.aggregate import (converged_label, describe, mean_std, normalise_keys,
                                              ordered, varying_keys)
 from transfer_lab.analysis.breakdowns import SCORES, has, per_class_table, ranking_table
-from transfer_lab.analysis.collect import METRICS, headline
+from transfer_lab.analysis.collect import BUDGET, METRICS, headline
 from transfer_lab.analysis.comparison import is_tuning_trial, protocol_markdown, read_comparison
 from transfer_lab.analysis.effective_labels import effective_table
 from transfer_lab.analysis.paired import add_paired, match_baseline
@@ -48,7 +48,6 @@ from transfer_lab.report_render import (convergence_footnote, convergence_unreco
                                         tuned_markdown)
 
 __all__ = ["collect", "headline", "key_columns", "main", "report", "summarise"]
-BUDGET = "target.data.samples_per_class"
 
 
 def collect(root: Path) -> tuple[pd.DataFrame, list[dict]]:
@@ -73,7 +72,9 @@ def row_of(cell: loader.Cell) -> dict[str, Any]:
     row.update({c: metrics.get(f"test/{c}") for c in ("balanced_acc", "rmse")})
     row.update({c: (res.get("transferability") or {}).get(c) for c in SCORES})
     row["per_class"] = (res.get("per_class") or {}).get("test/acc")
-    row["classes"] = (((res.get("data") or {}).get("target") or {}).get("classes"))
+    target = (res.get("data") or {}).get("target") or {}
+    # image folders name their classes (folder names, in the remapped order); others have labels
+    row["classes"] = target.get("class_names") or target.get("classes")
     return row
 
 

@@ -10,10 +10,10 @@ import pandas as pd
 
 from transfer_lab.analysis.aggregate import fmt, pm
 from transfer_lab.analysis.breakdowns import SCORES
+from transfer_lab.analysis.collect import BUDGET
 from transfer_lab.analysis.effective_labels import describe_effective
 from transfer_lab.analysis.paired import verdict
 
-BUDGET = "target.data.samples_per_class"
 MARK = "†"  # a group holding cells that did not converge
 UNCONVERGED = ("partial", "none")
 
@@ -54,7 +54,8 @@ def markdown(table: pd.DataFrame, keys: list[str], m: str = "acc", baseline: str
 
 
 def paired_cells(r: pd.Series, baseline: str) -> list[str]:
-    """``+0.0500 ± 0.0300 significant`` (marked † when a side did not converge), ``2/3``, p."""
+    """``+0.0500 ± 0.0300 significant`` (``paired.verdict``; marked † when a side did not
+    converge), ``2/3``, p."""
     if r["strategy"] == baseline:
         return ["(baseline)", "—", "—"]
     if not r["n_pairs"]:
@@ -73,7 +74,8 @@ def paired_note(table: pd.DataFrame, baseline: str) -> str:
     fewest = int(table.loc[table["n_pairs"] > 0, "n_pairs"].min())
     return (f"Paired differences vs `{baseline}`: cells paired by seed within the same context (same "
             "source, labelled subset and initialisation); mean of the per-seed differences ± the "
-            "half-width of its t-based 95% CI; *not significant* where that CI includes 0. Wins: seeds "
+            "half-width of its t-based 95% CI; *significant* only where that CI excludes 0 and p < "
+            "0.05 (*n too small* where p cannot reach 0.05). Wins: seeds "
             f"where the strategy beat `{baseline}`. p: two-sided Wilcoxon signed-rank test (scipy), "
             f"{' / '.join(used)} p-value. With n pairs the exact test cannot give p below 2/2^n: "
             f"here the fewest pairs is {fewest} (smallest possible p {2 / 2 ** fewest:.3g}).\n")

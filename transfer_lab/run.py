@@ -21,7 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 from transfer_lab.builders import (build_model, last_checkpoint, make_callbacks, make_datamodule,
                                    make_loggers, make_module, make_strategy, make_trainer,
                                    readable_checkpoint, remove_resume_state, resume_callbacks, rng_state,
-                                   schedule_factory, set_rng_state, task_of)
+                                   schedule_factory, set_rng_state, task_of, without_weights)
 from transfer_lab.convergence import ConvergenceCheck
 from transfer_lab.data.datamodule import TransferDataModule
 from transfer_lab.errors import ConfigError
@@ -29,7 +29,7 @@ from transfer_lab.models.classifier import Classifier
 from transfer_lab.results import (RunFailed, config_hash, environment, one_line, record_failure,
                                   save_weights, write_results)
 from transfer_lab.selection import Selection
-from transfer_lab.source_stage import source_stage, transferability_scores
+from transfer_lab.source_stage import has_data, pretrained_model, source_stage, transferability_scores
 from transfer_lab.strategies.base import Strategy
 from transfer_lab.validate import preflight_build, validate_config
 
@@ -77,18 +77,26 @@ def prepare(cfg: DictConfig) -> Prepared:
     check_lengths(cfg)
     strategy = make_strategy(cfg)
     source_dm = None
-    if strategy.needs_source:
-        source_dm = make_datamodule(cfg.source.data, cfg.seed, "source.data").prepare()
+    if strategy.needs_source and has_data(cfg.source.data):  # data=none: a pretrained model as it is
+        source_dm = make_datamodule(cfg.source.data, cfg.seed, "source.data",
+                                    model_cfg=cfg.source.model).prepare()
+    # the target data is normalised for the model that reads it: its own, or the source's it inherits
     target_dm = make_datamodule(cfg.target.data, cfg.seed, "target.data",
-                                default_shape=source_dm.input_shape if source_dm else None).prepare()
+                                default_shape=source_dm.input_shape if source_dm else None,
+                                model_cfg=cfg.target.get("model") or cfg.source.model).prepare()
     for key, dm in (("target.data", target_dm), ("source.data", source_dm)):
         if dm is not None and task_of(dm) not in strategy.tasks:
             raise ConfigError(f"strategy._target_={cfg.strategy._target_}: handles {', '.join(strategy.tasks)} "
                               f"tasks, but {key} is a {task_of(dm)} task (regression: scratch, finetune, "
                               "linear_probe, partial, l2sp)")
     selection_of(cfg, target_dm, Path("."))  # a bad select / monitor / early_stopping fails here
-    tgt_model_cfg = cfg.target.get("model") or cfg.source.model
-    source = build_model(cfg.source.model, source_dm, key="source.model") if source_dm is not None else None
+    # an inherited config starts random (scratch) or from the source: never from the source's file
+    tgt_model_cfg = cfg.target.get("model") or without_weights(cfg.source.model)
+    source = None
+    if source_dm is not None:  # the store's or the checkpoint's state dict replaces every weight
+        source = build_model(without_weights(cfg.source.model), source_dm, key="source.model")
+    elif strategy.needs_source:
+        source = pretrained_model(cfg, target_dm.input_shape)
     # the target init is the same whatever the source path (trained, stored, external)
     L.seed_everything(int(cfg.seed), verbose=False)
     target = build_model(tgt_model_cfg, target_dm, key="target.model")

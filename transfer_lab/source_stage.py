@@ -18,9 +18,13 @@ from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
 import transfer_lab
-from transfer_lab.builders import build_model, make_module, make_trainer, scheduler_of, task_of
+from transfer_lab.builders import (build_model, make_module, make_trainer, scheduler_of, task_of,
+                                   without_weights)
 from transfer_lab.data.datamodule import TransferDataModule
+from transfer_lab.errors import ConfigError
+from transfer_lab.io import read_weights, sha256_file
 from transfer_lab.models.classifier import Classifier
+from transfer_lab.models.weights import model_data_config
 from transfer_lab.module import NonFiniteLossError
 from transfer_lab.store import SourceStore, load_state_dict, store_key
 from transfer_lab.strategies.base import Strategy
@@ -63,7 +67,13 @@ def source_stage(cfg: DictConfig, strategy: Strategy, dm: TransferDataModule | N
     """
     if not strategy.needs_source:
         return None, {"used": False, "cache_hit": None}
-    model = model if model is not None else build_model(cfg.source.model, dm, key="source.model")
+    if dm is None:  # data=none: the pretrained model as it is (built by run.prepare)
+        if model is None:
+            raise ValueError("source_stage: a source without data needs its model (pretrained_model)")
+        return pretrained_source(cfg, model)
+    # the stored or external state dict replaces every weight: the init file is not read again
+    if model is None:
+        model = build_model(without_weights(cfg.source.model), dm, key="source.model")
     if cfg.source.get("checkpoint"):
         return checkpoint_source(cfg, dm, model)
     spec = source_spec(cfg, dm)
@@ -95,8 +105,91 @@ def source_stage(cfg: DictConfig, strategy: Strategy, dm: TransferDataModule | N
         mark_failed(store, key, e)
         raise
     model.load_state_dict(state)
-    return model, {"used": True, "key": key, "cache_hit": hit, **metrics,
+    return model, {"used": True, "key": key, "cache_hit": hit, **metrics, "data": normalization(dm),
                    "load_or_train_s": round(time.perf_counter() - t0, 3)}
+
+
+def normalization(dm: TransferDataModule) -> dict:
+    """Which statistics a side's inputs were normalised with (``dataset`` or ``model``)."""
+    summary = dm.summary()
+    return {k: summary[k] for k in ("normalization", "mean", "std") if k in summary}
+
+
+# --- data=none: a pretrained model used as it is ---------------------------------------------
+def has_data(node: Any) -> bool:
+    """False for ``data=none`` (an empty node: nothing to instantiate)."""
+    return isinstance(node, (dict, DictConfig)) and bool(node.get("_target_"))
+
+
+def pretrained_model(cfg: DictConfig, input_shape: tuple[int, int, int]) -> Classifier:
+    """The source of ``data=none``: ``source.model`` with its weights file, or rebuilt empty and
+    loaded from ``source.checkpoint``, on the target's input, with the classes of the file's
+    classifier (so LEEP and the strategies see the model as it is)."""
+    ckpt, model_cfg = cfg.source.get("checkpoint"), cfg.source.model
+    if not ckpt and model_cfg.get("weights") is None and model_cfg.get("checkpoint") is None:
+        raise ConfigError("source.data=none: the source is a pretrained model used as it is, but "
+                          "source.model.weights is null and source.checkpoint is unset; give "
+                          "source.model.weights=<file> (or cache), source.checkpoint=<file>, or "
+                          "source data to train on")
+    if ckpt:
+        model_cfg = without_weights(model_cfg)
+    probe = build_model(model_cfg, input_shape=input_shape, num_classes=1, key="source.model")
+    path = ckpt or getattr(probe, "weights_file", None)
+    if path is None:
+        raise ConfigError(f"source.data=none: {model_cfg._target_} did not load a local weights file "
+                          "(named weights are a download); give source.model.weights=<file>")
+    state = load_state_dict(ckpt) if ckpt else read_weights(path, "source.model.weights")
+    k = file_classes(probe, state, bool(ckpt))
+    model = build_model(model_cfg, input_shape=input_shape, num_classes=k, key="source.model")
+    if ckpt:
+        load_into(model, state, f"source.checkpoint={ckpt}")
+    model.weights_file = str(path)
+    return model
+
+
+def file_classes(probe: Classifier, state: dict, ours: bool) -> int:
+    """Outputs of the weights file's classifier; else those timm's ``pretrained_cfg`` names."""
+    if ours:  # our own Classifier's state dict: the head's last Linear
+        last = [n for n, m in probe.head.named_modules() if isinstance(m, torch.nn.Linear)][-1]
+        keys = [".".join(filter(None, ("head", last, "weight")))]
+    elif getattr(probe, "timm_classifier", None):
+        keys = [f"{probe.timm_classifier}.weight"]
+    else:  # torchvision: the one 2-D weight that reads the backbone's features and is not in it
+        inside = {k for k in probe.backbone.state_dict()}
+        keys = [k for k, v in state.items() if k.endswith("weight") and v.ndim == 2
+                and v.shape[1] == probe.feature_dim and k not in inside]
+    found = {int(state[k].shape[0]) for k in keys if k in state and state[k].ndim == 2}
+    if len(found) == 1:
+        return found.pop()
+    if getattr(probe, "timm_name", None):  # the file has no classifier: timm's count for the name
+        from timm.models import get_pretrained_cfg
+
+        declared = getattr(get_pretrained_cfg(probe.timm_name), "num_classes", None)
+        if declared:
+            return int(declared)
+    raise ConfigError(f"source.data=none: cannot tell how many classes the classifier in "
+                      f"{getattr(probe, 'weights_file', None) or 'source.checkpoint'} has "
+                      f"(looked for {', '.join(keys) or 'a 2-D weight after the backbone'})")
+
+
+def pretrained_source(cfg: DictConfig, model: Classifier) -> tuple[Classifier, dict]:
+    """The store keys a pretrained source by its file's content (sha256), not its path: the same
+    weights moved or renamed are the same source; new weights under an old name are not."""
+    path = Path(model.weights_file)
+    digest = sha256_file(path)
+    spec = {"pretrained_sha256": digest, "input_shape": list(model.input_shape),
+            "num_classes": model.num_classes,
+            # rebuilt empty from the store (analysis, packages): the entry holds every weight
+            "model": OmegaConf.to_container(without_weights(cfg.source.model), resolve=True)}
+    key = store_key(spec)
+    state, _, _, hit = SourceStore(cfg.store_dir).get_or_create(
+        key, lambda: (model.state_dict(), {**spec, "key": key}, {}))
+    model.load_state_dict(state)
+    declared = model_data_config(model)
+    data = ({"normalization": "model", "mean": declared["mean"], "std": declared["std"]} if declared
+            else {"normalization": None})
+    return model, {"used": True, "pretrained": True, "weights_file": str(path), "sha256": digest,
+                   "key": key, "cache_hit": hit, "num_classes": model.num_classes, "data": data}
 
 
 def failure_marker(store: SourceStore, key: str) -> Path:
@@ -138,7 +231,8 @@ def checkpoint_source(cfg: DictConfig, dm: TransferDataModule,
                       model: Classifier | None = None) -> tuple[Classifier, dict]:
     """An external source: a knowledge package, safetensors file or weights-only checkpoint."""
     path = cfg.source.checkpoint
-    model = model if model is not None else build_model(cfg.source.model, dm, key="source.model")
+    if model is None:
+        model = build_model(without_weights(cfg.source.model), dm, key="source.model")
     load_into(model, load_state_dict(path), f"source.checkpoint={path}")
     return model, {"used": True, "checkpoint": str(path), "cache_hit": None}
 

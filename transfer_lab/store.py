@@ -225,7 +225,7 @@ class SourceStore:
                 if self.entry(key).exists():
                     log.warning("retraining source %s: %s", key, e)
                 else:
-                    log.info("source %s is not in the store %s: training it", key, self.root)
+                    log.info("source %s is not in the store %s: creating it", key, self.root)
             state, config, metrics = train()
             self.save(key, state, config, metrics)
             # return what is on disk, so the trainer and the waiters hold identical tensors

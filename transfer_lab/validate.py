@@ -177,9 +177,25 @@ def _finite(node: Any, path: str) -> None:
         raise ConfigError(f"{path}=nan: not a number; set a finite value")
 
 
+def _counts(hint: Any) -> bool:
+    """Is ``hint`` an ``int`` or a sequence of ints (optionally ``| None``): a count of things?"""
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return any(_counts(a) for a in typing.get_args(hint) if a is not type(None))
+    if hint is int:
+        return True
+    base = typing.get_origin(hint) or hint
+    args = [a for a in typing.get_args(hint) if a is not Ellipsis]
+    return base in (list, tuple, Sequence, typing.Sequence) and args == [int]
+
+
 def _model_sizes(node: Mapping[str, Any], key: str) -> None:
-    """Integer model options (channels, hidden, width, depth, …) count things: each must be ≥ 1."""
+    """The options a model factory annotates as counts (``channels``, ``hidden``, ``width``,
+    ``depth``: ``int`` or a sequence of ints) must be ≥ 1. Others may be 0 (``dropout=0``,
+    ``mean=[0,0,0]``), and so may an ``int`` option whose default is 0 (0 is then meaningful)."""
+    params, hints, _ = _parameters(_resolve_target(node["_target_"], key))
     for name, value in node.items():
+        if name not in params or not _counts(hints.get(name)) or params[name].default == 0:
+            continue
         values = value if isinstance(value, (list, tuple)) else [value]
         bad = [v for v in values if isinstance(v, int) and not isinstance(v, bool) and v < 1]
         if bad:

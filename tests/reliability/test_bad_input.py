@@ -236,6 +236,16 @@ def test_run_option_out_of_range_is_one_line(overrides, expect):
     assert expect in one_line(e)
 
 
+@pytest.mark.parametrize("overrides", [
+    ["model@target.model=mlp", "target.model.dropout=0"],  # Hydra parses 0 as an int
+    ["model@target.model=resnet18", "target.model.mean=[0,0,0]", "target.model.std=[1,1,1]"],
+    ["model@target.model=mlp", "target.model.hidden=[4]", "target.model.batch_norm=true"],
+])
+def test_model_options_that_are_not_sizes_may_be_zero(overrides):
+    """Only what a factory annotates as a count (int, or a sequence of ints) must be ≥ 1."""
+    validate_config(compose_cfg(*overrides))
+
+
 # --- through run(): each fails before the source stage trains (the store stays empty) -------------------
 def _npz_pair(tmp_path: Path, bad: str) -> list[str]:
     tr = write(tmp_path / "tr.npz", images(n=24, k=3, shape=(16, 16)))

@@ -18,6 +18,8 @@ from transfer_lab.results import NON_RESULT_KEYS
 
 # never grouping keys: the seed is what a group averages over; the rest does not change a result
 IGNORED = frozenset({"seed", *NON_RESULT_KEYS})
+# the label budget: the key tables are split by and plotted against
+BUDGET = "target.data.samples_per_class"
 # headline metrics in table order: the first a run has is its metric
 METRICS = ("acc", "r2")
 # the report writes its own files below the root it reads: never read them back as cells

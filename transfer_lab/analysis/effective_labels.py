@@ -18,7 +18,9 @@ import numpy as np
 import pandas as pd
 from scipy.optimize import isotonic_regression
 
-BUDGET = "target.data.samples_per_class"
+from transfer_lab.analysis.collect import BUDGET
+from transfer_lab.analysis.paired import baseline_contexts
+
 MIN_BUDGETS = 3
 
 
@@ -50,11 +52,9 @@ def effective_labels(budgets: np.ndarray, curve: np.ndarray, acc: float) -> tupl
 
 def baseline_curve(base: pd.DataFrame, row: pd.Series, keys: Sequence[str],
                    m: str) -> tuple[np.ndarray, np.ndarray] | None:
-    """The baseline's monotone curve in ``row``'s context: the same non-strategy keys (budget
-    aside), else (the baseline ignores source settings, e.g. scratch) the same target-side keys.
-    None: no context with one baseline group per budget at ≥ 3 budgets."""
-    other = [k for k in keys if k not in ("strategy", BUDGET) and not k.startswith("strategy.")]
-    for match in (other, [k for k in other if k.startswith("target")]):
+    """The baseline's monotone curve in ``row``'s context (``paired.baseline_contexts``, budget
+    aside). None: no context with one baseline group per budget at ≥ 3 budgets."""
+    for match in baseline_contexts([k for k in keys if k != BUDGET]):
         s = base
         for k in match:
             s = s[s[k].astype(str) == str(row[k])]

@@ -23,8 +23,7 @@ import pandas as pd
 from scipy import stats
 
 from transfer_lab.analysis.aggregate import ci95, finite
-
-BUDGET = "k:target.data.samples_per_class"
+ALPHA = 0.05  # significance level of the paired verdict
 
 
 def wilcoxon_method(d: np.ndarray) -> str:
@@ -47,30 +46,52 @@ def wilcoxon_p(diffs: Iterable[Any]) -> tuple[float, str]:
 
 
 def paired_stats(diffs: Iterable[Any]) -> dict[str, Any]:
-    """Mean, 95% CI half-width (t), wins, n, p and whether the CI excludes 0 (``significant``)."""
+    """Mean, 95% CI half-width (t), wins, n, p, and ``significant``: the CI excludes 0 and p < 0.05."""
     d = finite(diffs)
     n = len(d)
     mean = float(d.mean()) if n else math.nan
     half = ci95(float(d.std(ddof=1)) if n > 1 else math.nan, n)
     p, method = wilcoxon_p(d)
-    significant = math.isfinite(half) and abs(mean) > half
+    # both must agree: the t CI alone (normality, 3 seeds) would say "significant" beside a
+    # Wilcoxon p that cannot go below 0.25
+    significant = math.isfinite(half) and abs(mean) > half and p < ALPHA
     return {"paired_diff_mean": mean, "paired_diff_ci95": half, "wins": int((d > 0).sum()),
             "n_pairs": n, "p_value": p, "significant": significant, "p_method": method}
 
 
+def too_few_pairs(n: int) -> bool:
+    """With ``n`` pairs the smallest two-sided exact p is 2 / 2^n: below 6 pairs never < 0.05."""
+    return 2 / 2 ** n >= ALPHA
+
+
 def verdict(row: pd.Series | dict) -> str:
-    """"significant" when the paired 95% CI excludes 0, else "not significant"."""
-    return "significant" if row["significant"] else "not significant"
+    """"significant" when the paired 95% CI excludes 0 and p < 0.05; else "not significant",
+    saying so when there are too few pairs for the test ever to reach p < 0.05."""
+    if row["significant"]:
+        return "significant"
+    if row["n_pairs"] and too_few_pairs(int(row["n_pairs"])):
+        return f"not significant: n too small for p < {ALPHA:g}"
+    return "not significant"
+
+
+def baseline_contexts(keys: Sequence[str]) -> list[list[str]]:
+    """The keys a baseline group must share with a row, strictest first: every non-strategy key;
+    then, as the baseline may ignore source settings (scratch trains no source), every key but
+    the ``source.*`` ones. Anything else (precision, a preset's top-level key) must always match.
+    Keys may carry the report table's ``k:`` prefix."""
+    def name(k: str) -> str:
+        return k[2:] if k.startswith("k:") else k
+
+    other = [k for k in keys if name(k) != "strategy" and not name(k).startswith("strategy.")]
+    return [other, [k for k in other if name(k) != "source" and not name(k).startswith("source.")]]
 
 
 def match_baseline(table: pd.DataFrame, row: pd.Series, keys: Sequence[str],
                    baseline: str) -> pd.Series | None:
-    """The baseline group of ``table`` in ``row``'s context: same non-strategy keys, else (the
-    baseline ignores source settings, e.g. scratch) the same target-side keys. None: no unique one."""
-    other = [k for k in keys if k != "k:strategy" and not k.startswith("k:strategy.")]
-    target_side = [k for k in other if k.startswith(("k:target", BUDGET))]
+    """The baseline group of ``table`` in ``row``'s context (``baseline_contexts``). None: no
+    unique one."""
     base = table[table["k:strategy"] == baseline]
-    for match in (other, target_side):
+    for match in baseline_contexts(keys):
         s = base
         for k in match:
             s = s[s[k].astype(str) == str(row[k])]

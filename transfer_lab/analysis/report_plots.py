@@ -8,9 +8,8 @@ from typing import Any
 
 import pandas as pd
 
+from transfer_lab.analysis.collect import BUDGET
 from transfer_lab.io import atomic_write_bytes
-
-BUDGET = "target.data.samples_per_class"
 
 
 def series_label(r: pd.Series, keys: list[str]) -> str:

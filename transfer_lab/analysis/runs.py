@@ -24,7 +24,8 @@ from transfer_lab.checkpoint import load_trainable
 from transfer_lab.data.datamodule import TransferDataModule
 from transfer_lab.errors import ConfigError
 from transfer_lab.models.classifier import Classifier
-from transfer_lab.builders import build_model, make_datamodule
+from transfer_lab.builders import build_model, make_datamodule, without_weights
+from transfer_lab.model_spec import build_model_from_spec
 from transfer_lab.source_stage import checkpoint_source
 
 
@@ -85,8 +86,8 @@ def load_source(results: dict, cfg: DictConfig, run_dir: Path,
     if not (entry / "model.safetensors").is_file():
         raise ConfigError(f"source store entry {entry} is missing (pass --store <store_dir>)")
     spec = json.loads((entry / "config.json").read_text())
-    model = build_model(OmegaConf.create(spec["model"]), input_shape=tuple(spec["input_shape"]),
-                        num_classes=int(spec["num_classes"]))
+    # a store entry's config came from a file: built only through the allow-listed factories
+    model = build_model_from_spec(spec, f"source store entry {entry}")
     model.load_state_dict(load_file(str(entry / "model.safetensors")))
     return model.eval()
 
@@ -101,9 +102,11 @@ def load_run(run_dir: str | Path, store_dir: str | Path | None = None) -> Loaded
     cfg = OmegaConf.create(raw)
     source = load_source(results, cfg, run_dir, store_dir)
     shape = tuple(source.input_shape) if source is not None else None
-    dm = make_datamodule(cfg.target.data, cfg.seed, "target.data", default_shape=shape).prepare()
+    model_cfg = cfg.target.get("model") or without_weights(cfg.source.model)
+    dm = make_datamodule(cfg.target.data, cfg.seed, "target.data", default_shape=shape,
+                         model_cfg=model_cfg).prepare()
     L.seed_everything(int(cfg.seed), verbose=False)
-    target = build_model(cfg.target.get("model") or cfg.source.model, dm)
+    target = build_model(model_cfg, dm)
     model = instantiate(cfg.strategy).build(source, target)
     weights = results.get("weights") or {}
     if weights.get("mode") == "full":

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
-from collections.abc import Sequence
 
 import numpy as np
 
@@ -13,13 +12,7 @@ from transfer_lab.analysis.aggregate import labels as run_labels
 from transfer_lab.analysis.aggregate import mean_std, pm
 from transfer_lab.analysis.ranking import kendall_tau
 
-
-def fmt(values: Sequence[float], digits: int = 3) -> str:
-    return pm(*mean_std(values), digits=digits)
-
-
-def pair(ms: tuple[float, float], digits: int = 3) -> str:
-    return pm(*ms, digits=digits)
+DIGITS = 3  # the analysis tables' precision (the report prints 4)
 
 
 def group(results: list[dict], items: list[dict]) -> dict[str, list[dict]]:
@@ -64,14 +57,14 @@ def representation_table(summary: dict[str, dict]) -> str:
     """Markdown: per group, same-layer CKA and drift per layer (mean ± std over seeds)."""
     lines = []
     for label, g in summary.items():
-        lines += [f"\n{label} ({g['n']} seeds): test acc {pair(g['acc'])}",
+        lines += [f"\n{label} ({g['n']} seeds): test acc {pm(*g['acc'], DIGITS)}",
                   "| layer | CKA(source, target) same layer | same, target with source BN stats "
                   "| weight drift | BN statistics drift |", "|---|---|---|---|---|"]
         for p, ms in g["diagonal"].items():
-            swap = pair(g.get("diagonal_source_bn_stats", {}).get(p, (math.nan, math.nan)))
-            d = pair((g["drift"][p], g["drift_std"][p])) if p in g["drift"] else "—"
-            b = pair(g.get("bn_stats_drift", {}).get(p, (math.nan, math.nan)))
-            lines.append(f"| {p} | {pair(ms)} | {swap} | {d} | {b} |")
+            swap = pm(*g.get("diagonal_source_bn_stats", {}).get(p, (math.nan, math.nan)), DIGITS)
+            d = pm(g["drift"][p], g["drift_std"][p], DIGITS) if p in g["drift"] else "—"
+            b = pm(*g.get("bn_stats_drift", {}).get(p, (math.nan, math.nan)), DIGITS)
+            lines.append(f"| {p} | {pm(*ms, DIGITS)} | {swap} | {d} | {b} |")
     return "\n".join(lines)
 
 
@@ -80,8 +73,8 @@ def metrics_table(groups: dict[str, list[dict]]) -> str:
     lines = ["| runs | n | acc | balanced acc | per-class acc (mean) |", "|---|---|---|---|---|"]
     for label, items in groups.items():
         per_class = np.nanmean([m["per_class_acc"] for m in items], axis=0)
-        lines.append(f"| {label} | {len(items)} | {fmt([m['acc'] for m in items])} | "
-                     f"{fmt([m['balanced_acc'] for m in items])} | "
+        lines.append(f"| {label} | {len(items)} | {pm(*mean_std([m['acc'] for m in items]), DIGITS)} | "
+                     f"{pm(*mean_std([m['balanced_acc'] for m in items]), DIGITS)} | "
                      f"{' '.join(f'{a:.2f}' for a in per_class)} |")
     return "\n".join(lines)
 
@@ -114,8 +107,8 @@ def rank_summary(results: list[dict], scores: list[dict]) -> dict:
 def rank_markdown(summary: dict) -> str:
     lines = ["| source | seeds | LogME | LEEP | fine-tuned test acc |", "|---|---|---|---|---|"]
     for r in sorted(summary["rows"], key=lambda r: -r["acc"]):
-        lines.append(f"| {r['source']} | {r['n']} | {pair((r['logme'], r['logme_std']))} | "
-                     f"{pair((r['leep'], r['leep_std']))} | {pair((r['acc'], r['acc_std']))} |")
+        lines.append(f"| {r['source']} | {r['n']} | {pm(r['logme'], r['logme_std'], DIGITS)} | "
+                     f"{pm(r['leep'], r['leep_std'], DIGITS)} | {pm(r['acc'], r['acc_std'], DIGITS)} |")
     lines.append("")
     for s in ("logme", "leep"):
         per = ", ".join(f"seed {k}: {v[s]:.2f}" for k, v in summary["tau_per_seed"].items())

@@ -55,7 +55,8 @@ def require_number(value: Any, where: str, low: float, high: float | None = None
 
 
 def check_stats(mean: Sequence[float] | None, std: Sequence[float] | None, key: str) -> None:
-    """A normalisation override: both or neither, equal lengths, finite, std > 0."""
+    """A normalisation override: both or neither, equal lengths, finite, on the [0, 1] pixel
+    scale (mean in [0, 1], std in (0, 1])."""
     if mean is None and std is None:
         return
     if mean is None or std is None:
@@ -68,6 +69,12 @@ def check_stats(mean: Sequence[float] | None, std: Sequence[float] | None, key: 
         raise ConfigError(f"{key}.mean has {len(mean)} values, {key}.std {len(std)}: one per channel each")
     if min(std) <= 0:
         raise ConfigError(f"{key}.std={list(std)}: every value must be > 0")
+    # pixels are divided by 255 before normalising, so the common 0–255-scale statistics
+    # (mean=[123.675, ...]) would turn every image into a near-constant and train to chance
+    for name, values, ok in (("mean", mean, lambda v: 0 <= v <= 1), ("std", std, lambda v: v <= 1)):
+        if not all(ok(v) for v in values):
+            raise ConfigError(f"{key}.{name}={list(values)}: statistics are in [0, 1] pixel units; "
+                              "divide 0–255 values by 255 (mean in [0, 1], std in (0, 1])")
 
 
 def check_options(dm: Any) -> None:

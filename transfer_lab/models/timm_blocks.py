@@ -99,6 +99,8 @@ def _computes_same(seq: nn.Module, x: torch.Tensor, ref: torch.Tensor) -> bool:
             out = seq(x)
     except Exception:  # noqa: BLE001 — a wrong split often fails on shapes: fall back
         return False
+    if out.is_meta:  # shapes only (a size check on the meta device): values cannot be compared
+        return out.shape == ref.shape
     return out.shape == ref.shape and torch.allclose(out, ref, rtol=1e-4, atol=1e-5)
 
 

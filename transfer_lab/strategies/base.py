@@ -16,8 +16,6 @@ import torch
 from torch import nn
 
 from transfer_lab.models.classifier import Classifier
-# re-exported: older callers (analysis) import these from here
-from transfer_lab.strategies.common import copy_backbone, freeze, match_modules  # noqa: F401
 
 TaskLoss = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 

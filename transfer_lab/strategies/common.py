@@ -43,8 +43,9 @@ def copy_model(source: Classifier | None, target: Classifier, strategy: str) -> 
 
 
 def freeze(module: nn.Module) -> None:
-    """Stop gradients. ``TransferModule.train`` then keeps the module in eval mode (BatchNorm
-    statistics and Dropout) unless the strategy's ``train_bn`` lets BatchNorm update."""
+    """Stop gradients and put the module in eval mode (a teacher nobody trains stays so). Inside
+    a ``TransferModule``, ``train()`` (called at each training epoch's start) decides the mode
+    of the model's frozen parts: eval, except BatchNorm when the strategy's ``train_bn``."""
     for p in module.parameters():
         p.requires_grad_(False)
     module.eval()

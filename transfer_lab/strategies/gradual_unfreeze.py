@@ -86,7 +86,7 @@ class UnfreezeSchedule(BaseFinetuning):
 
     def __init__(self, lr_ratio: float) -> None:
         super().__init__()
-        self.lr_ratio = lr_ratio  # BatchNorm of frozen blocks: TransferModule.train honours train_bn
+        self.lr_ratio = lr_ratio
         self.unfrozen: list[str] = []
 
     @staticmethod
@@ -123,10 +123,10 @@ class UnfreezeSchedule(BaseFinetuning):
         super().on_fit_start(trainer, pl_module)  # restores the param groups by parameter name
 
     def _make_trainable(self, pl_module: L.LightningModule, name: str) -> None:
+        # the mode (training for this block, eval for still-frozen ones unless train_bn) is set by
+        # TransferModule.on_train_epoch_start, which runs after this callback's hook
         for p in pl_module.model.get_submodule(name).parameters():
             p.requires_grad_(True)
-        if pl_module.training:  # TransferModule.train puts BatchNorm of still-frozen parts in eval
-            pl_module.train()
 
     def finetune_function(self, pl_module: L.LightningModule, epoch: int, optimizer: Optimizer) -> None:
         """Override of BaseFinetuning: unfreeze each block whose epoch has come."""

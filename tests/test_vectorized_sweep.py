@@ -1,0 +1,129 @@
+"""Grouping a sweep's seeds: the ``vectorized`` Hydra launcher writes every cell's results.json as
+the ordinary sweep would, and a re-run skips them. The sweep subprocess finds the plugin through a
+``hydra_plugins`` link on ``sys.path`` (``mapped_plugins``, a local helper), as an install of the
+project does through pyproject's second ``packages.find`` root; that root is tested here too."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import TINY, compose_cfg
+from safetensors.torch import load_file
+
+from transfer_lab.vectorized import launcher_check
+from transfer_lab.vectorized.group import cheap_check, group_key
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_group_key_ignores_only_the_seed():
+    a = group_key(["strategy=lora", "seed=0", "target.epochs=2"])
+    assert a == group_key(["target.epochs=2", "seed=7", "strategy=lora"])
+    assert a != group_key(["strategy=lora", "seed=0", "target.epochs=3"])
+    assert group_key(["+seed=1", "x=1"]) == group_key(["x=1"])
+
+
+@pytest.mark.parametrize(("overrides", "ok"), [
+    (["strategy=finetune"], True), (["strategy=lora"], True),
+    (["strategy=dann"], False), (["strategy=gradual_unfreeze"], False),
+    (["strategy=finetune", "vectorize_seeds=false"], False),
+    (["strategy=finetune", "trainer.devices=2", "trainer.strategy=ddp"], False),
+    (["strategy=finetune", "optimizer@target.optimizer=sgd"], True),
+    (["strategy=finetune", "trainer=fast"], False),
+    (["strategy=finetune", "callbacks=early_stopping"], False),
+])
+def test_cheap_check_decides_from_the_config_alone(overrides, ok):
+    got, why = cheap_check(compose_cfg(*overrides))
+    assert got is ok and why
+
+
+def mapped_plugins(tmp: Path) -> str:
+    """A ``hydra_plugins`` → ``transfer_lab/vectorized/hydra_plugins`` link on a path of its own."""
+    (tmp / "plugins").mkdir()
+    (tmp / "plugins" / "hydra_plugins").symlink_to(ROOT / "transfer_lab" / "vectorized" / "hydra_plugins")
+    return str(tmp / "plugins")
+
+
+def sweep(tmp: Path, name: str, *extra: str) -> tuple[str, dict[int, dict], dict[int, Path]]:
+    plugins = str(tmp / "plugins") if (tmp / "plugins").exists() else mapped_plugins(tmp)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), plugins]),
+           "TRANSFER_LAB_STORE": str(tmp / "store")}
+    cmd = [sys.executable, "-m", "transfer_lab.train", "-m", "hydra/launcher=vectorized", "seed=0,1,2",
+           "strategy=finetune", *TINY, "source.epochs=1", "target.epochs=3", "transferability=false",
+           f"hydra.sweep.dir={tmp / name}", *extra]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tmp, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    files = sorted((tmp / name).glob("*/results.json"))
+    res = {json.loads(f.read_text())["seed"]: json.loads(f.read_text()) for f in files}
+    return proc.stdout + proc.stderr, res, {r["seed"]: f.parent for r, f in zip(res.values(), files)}
+
+
+@pytest.mark.slow
+def test_vectorised_sweep_writes_each_cell_as_the_plain_sweep_does_and_resumes(tmp_path):
+    log, vec, dirs = sweep(tmp_path, "vec")
+    assert "as one vectorised model" in log and "sweep: 3 ok, 0 failed, 0 skipped" in log
+    _, plain, plain_dirs = sweep(tmp_path, "plain", "vectorize_seeds=false")
+    assert sorted(vec) == sorted(plain) == [0, 1, 2]
+    for seed in vec:
+        v, p = vec[seed], plain[seed]
+        assert v["target_training"]["vectorized_seeds"] == [0, 1, 2]
+        assert "vectorized_seeds" not in p["target_training"]
+        assert set(v) == set(p) and v["status"] == "ok"
+        assert v["metrics"].keys() == p["metrics"].keys()
+        for k, x in p["metrics"].items():
+            assert v["metrics"][k] == pytest.approx(x, abs=1e-4), (seed, k)
+        wv = load_file(dirs[seed] / v["weights"]["file"])
+        wp = load_file(plain_dirs[seed] / p["weights"]["file"])
+        assert all((wv[k].double() - wp[k].double()).abs().max() < 1e-4 for k in wp)
+        assert (dirs[seed] / ".hydra" / "overrides.yaml").is_file()  # run_job still ran the cell
+    stamps = {s: (d / "results.json").stat().st_mtime_ns for s, d in dirs.items()}
+    again, _, _ = sweep(tmp_path, "vec")
+    assert "as one vectorised model" not in again and again.count("skipped (done)") == 3
+    assert "sweep: 0 ok, 0 failed, 3 skipped" in again
+    assert stamps == {s: (d / "results.json").stat().st_mtime_ns for s, d in dirs.items()}
+
+
+def test_an_install_puts_the_launcher_into_the_hydra_plugins_namespace():
+    # setuptools' own discovery over pyproject's roots: what a wheel or `pip install -e .` ships
+    tomllib = pytest.importorskip("tomllib")
+    from setuptools import find_namespace_packages
+
+    find = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]["find"]
+    found = {root: find_namespace_packages(str(ROOT / root), include=find["include"], exclude=find["exclude"])
+             for root in find["where"]}
+    assert "hydra_plugins.transfer_lab_launcher" in found["transfer_lab/vectorized"]
+    assert "transfer_lab.vectorized" in found["."]
+    assert not any(p.startswith("transfer_lab.vectorized.hydra_plugins") for p in found["."])
+    # a namespace portion (no __init__.py): Hydra's pkgutil scan lists it beside other plugins
+    assert not (ROOT / "transfer_lab" / "vectorized" / "hydra_plugins" / "__init__.py").exists()
+
+
+def launcher_cfg(*hydra_overrides: str):
+    from omegaconf import OmegaConf
+
+    return OmegaConf.create({"hydra": {"launcher": {"_target_": launcher_check.PLUGIN, "min_group": 2},
+                                       "overrides": {"hydra": list(hydra_overrides)}}})
+
+
+def test_a_missing_plugin_asked_for_is_one_line_and_exit_2(monkeypatch, capsys):
+    monkeypatch.setattr(launcher_check, "installed", lambda: False)
+    with pytest.raises(SystemExit) as e:
+        launcher_check.LauncherInstalled().on_multirun_start(launcher_cfg("hydra/launcher=vectorized"))
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and "\n" not in err and "pip install -e ." in err
+
+
+def test_a_missing_plugin_by_default_falls_back_to_the_basic_launcher(monkeypatch):
+    monkeypatch.setattr(launcher_check, "installed", lambda: False)
+    cfg = launcher_cfg()
+    launcher_check.LauncherInstalled().on_multirun_start(cfg)
+    assert cfg.hydra.launcher._target_ == launcher_check.BASIC
+    monkeypatch.setattr(launcher_check, "installed", lambda: True)
+    cfg = launcher_cfg("hydra/launcher=vectorized")
+    launcher_check.LauncherInstalled().on_multirun_start(cfg)
+    assert cfg.hydra.launcher._target_ == launcher_check.PLUGIN

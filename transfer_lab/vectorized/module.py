@@ -1,0 +1,247 @@
+"""VectorizedModule: K seeds of one cell trained as one LightningModule (``torch.func`` ensembling).
+
+One Lightning step takes the K seeds' batches stacked (K×B×…) and runs every seed's model at
+once with ``functional_call`` under ``vmap``. The loss is the *sum* of the seeds' losses, so the
+gradient of seed k's slice is exactly its separate run's gradient; with an element-wise optimizer
+(Adam, AdamW, SGD, …) the K slices then train exactly as K separate runs would.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Callable
+from typing import Any
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call, vmap
+
+from transfer_lab.module import NonFiniteLossError
+from transfer_lab.strategies.base import Strategy
+from transfer_lab.strategies.common import hold_frozen_in_eval
+from transfer_lab.vectorized.data import NotVectorisable
+from transfer_lab.vectorized.stack import Stacked, _mangle
+from transfer_lab.vectorized.terms import seed_loss
+
+
+class _Bag(nn.Module):
+    """K-stacked constant tensors (teachers, reference weights) as buffers: moved with the module."""
+
+    def __init__(self, tensors: dict[str, torch.Tensor]) -> None:
+        super().__init__()
+        self.names = list(tensors)
+        for n, t in tensors.items():
+            self.register_buffer(_mangle(n), t.detach().clone(), persistent=False)
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {n: getattr(self, _mangle(n)) for n in self.names}
+
+
+class VectorizedModule(L.LightningModule):
+    """K built models of one architecture (``strategies[k].build(source_k, target_k)``), trained as one.
+
+    Args:
+        models: the K built target models; trained weights are written back into them by
+            ``unstack()``.
+        strategies: the K strategy instances that built them (their state: references, teachers).
+        optimizer: a partial optimizer taking param groups (element-wise: see ``vectorizable``).
+        lr: base learning rate; the strategy derives group rates from it.
+        num_classes: classes of the target task.
+        class_weights: per-seed class weights (``imbalance_remedy=reweight``) or None.
+        scheduler: ``cosine`` or ``none``, as ``TransferModule``.
+    """
+
+    def __init__(self, models: list[nn.Module], strategies: list[Strategy],
+                 optimizer: Callable[..., torch.optim.Optimizer], lr: float, num_classes: int,
+                 class_weights: list[torch.Tensor | None] | None = None, scheduler: str = "none") -> None:
+        super().__init__()
+        self.save_hyperparameters(ignore=["models", "strategies", "optimizer", "class_weights"])
+        self.k = len(models)
+        self.models, self.strategies, self.optimizer_factory = models, strategies, optimizer
+        self._template = [copy.deepcopy(models[0])]  # a list: not a submodule, its tensors are never used
+        self.stacked = Stacked(models)
+        self.seed_loss = seed_loss(strategies, models, self.template)
+        self.aux = _Bag(self.seed_loss.aux())
+        cws = class_weights or [None] * self.k
+        self.register_buffer("class_weights", None if cws[0] is None else torch.stack(cws), persistent=False)
+        # dropout/augmentation-like draws: each seed its own (not the separate run's exact draws)
+        self._seed_step = vmap(self._one_seed, in_dims=(0, 0, None if cws[0] is None else 0, 0),
+                               randomness="different")
+        self.seed_metrics: list[dict[str, float]] = [{} for _ in range(self.k)]
+        self.test_per_class: list[list[float] | None] = [None] * self.k
+        self._sums: dict[str, torch.Tensor] = {}
+
+    @property
+    def template(self) -> nn.Module:
+        return self._template[0]
+
+    def train(self, mode: bool = True) -> VectorizedModule:
+        """The template follows; fully frozen parts stay in eval (``hold_frozen_in_eval``, as
+        ``TransferModule.train``), so a frozen backbone's statistics do not drift."""
+        super().train(mode)
+        if hasattr(self, "_template"):
+            self.template.train(mode)
+            if mode:
+                hold_frozen_in_eval(self.template, self.strategies[0].train_bn)
+        return self
+
+    # --- training ---------------------------------------------------------------------------
+    def _one_seed(self, params, aux, class_weights, batch):
+        def task_loss(outputs: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+            return F.cross_entropy(outputs, y, weight=class_weights)
+
+        step = self.seed_loss.loss(params, aux, batch, task_loss)
+        # summed as TransferModule sums them (same order, same start), so the slice is exact
+        return sum(step.terms.values()), step.outputs, step.target, step.terms
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """K×B×… inputs → K×B×classes logits (seed k's model on slice k)."""
+        return vmap(lambda p, xk: functional_call(self.template, p, (xk,)),
+                    randomness="different")(self.stacked.tensors(), x)
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        if not self.template.training:
+            for n, m in self.template.named_modules():
+                m.training = self._modes[n]
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        aux = self.aux.tensors()
+        batch = (x, y, *self.seed_loss.extra(x, aux))
+        losses, outputs, target, terms = self._seed_step(self.stacked.tensors(), aux,
+                                                         self.class_weights, batch)
+        n = target.shape[1]
+        with torch.no_grad():  # per-seed epoch sums on the device: no host sync per step
+            self._add("loss", losses * n)
+            for name, value in terms.items():  # train/<term>, as TransferModule logs each
+                self._add(f"term:{name}", value * n)
+            self._add("correct", (outputs.argmax(-1) == target).sum(1))
+            self._add("count", torch.full_like(losses, n))
+        return losses.sum()
+
+    def _add(self, name: str, value: torch.Tensor) -> None:
+        acc = self._sums.get(name)
+        self._sums[name] = value.detach().double() if acc is None else acc + value.detach()
+
+    def on_train_epoch_start(self) -> None:
+        # as TransferModule: Lightning 2.6 never calls ``train()`` in fit, so each epoch sets the
+        # frozen parts' modes itself. The template is not a registered submodule, so validation
+        # does not restore its modes: they are kept here and restored per batch.
+        self.train()
+        self._modes = {n: m.training for n, m in self.template.named_modules()}
+        self._sums = {}
+        loader = self.trainer.train_dataloader
+        if hasattr(loader, "set_epoch"):
+            loader.set_epoch(self.current_epoch)
+
+    def on_train_epoch_end(self) -> None:
+        if not self._sums:
+            return
+        s = {n: v.cpu() for n, v in self._sums.items()}  # the epoch's one host sync
+        count = s["count"].clamp_min(1)
+        bad = [k for k in range(self.k) if not math.isfinite(float(s["loss"][k]))]
+        if bad:
+            raise NonFiniteLossError(f"non-finite training loss for seed(s) #{bad} of the vectorised "
+                                     f"group in epoch {self.current_epoch}: train them one at a time")
+        self._record("train/acc", s["correct"] / count)
+        self._record("train/loss", s["loss"] / count)
+        for name in [n for n in s if n.startswith("term:")]:
+            self._record(f"train/{name[len('term:'):]}", s[name] / count)
+
+    def _record(self, key: str, values: torch.Tensor) -> None:
+        for k in range(self.k):
+            self.seed_metrics[k][key] = float(values[k])
+            self.log(f"seed{k}/{key}", float(values[k]))
+
+    def configure_gradient_clipping(self, optimizer: torch.optim.Optimizer,
+                                    gradient_clip_val: float | None = None,
+                                    gradient_clip_algorithm: str | None = None) -> None:
+        """Per seed: each slice is clipped by its own gradient norm, as its separate run would be."""
+        if not gradient_clip_val:
+            return
+        grads = [p.grad for p in self.stacked.parameters() if p.grad is not None]
+        if gradient_clip_algorithm == "value":  # element-wise already
+            for g in grads:
+                g.clamp_(-gradient_clip_val, gradient_clip_val)
+            return
+        norms = torch.stack([g.reshape(self.k, -1).pow(2).sum(1) for g in grads]).sum(0).sqrt()
+        coef = (gradient_clip_val / (norms + 1e-6)).clamp(max=1.0)  # torch's clip_grad_norm_
+        for g in grads:
+            g.mul_(coef.view(-1, *[1] * (g.ndim - 1)).to(g.dtype))
+
+    def configure_optimizers(self):
+        lr = self.hparams.lr
+        ref = [s.param_groups(m, lr) for s, m in zip(self.strategies, self.models)][0]
+        name_of = {id(p): n for n, p in self.models[0].named_parameters()}
+        groups, covered = [], set()
+        for g in ref:
+            names = [name_of[id(p)] for p in g["params"]]
+            covered.update(names)
+            groups.append({**g, "params": [self.stacked.param(n) for n in names]})
+        missing = set(self.stacked.trainable) - covered
+        if missing:
+            raise NotVectorisable(f"trainable parameters outside the strategy's groups: {sorted(missing)[:3]}")
+        opt = self.optimizer_factory(groups)
+        if self.hparams.scheduler == "cosine":
+            sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, self.trainer.max_epochs))
+            return {"optimizer": opt, "lr_scheduler": sched}
+        return opt
+
+    # --- evaluation: dataloader k is seed k -------------------------------------------------
+    def _eval_step(self, batch: Any, k: int) -> None:
+        x, y = batch
+        if self.template.training:
+            self.template.eval()
+        out = functional_call(self.template, self.stacked.seed(k), (x,))
+        c = out.shape[-1]
+        conf = torch.bincount(y * c + out.argmax(-1), minlength=c * c).view(c, c)
+        self._add(f"loss{k}", F.cross_entropy(out, y).detach().double().view(1) * len(y))
+        self._add(f"confusion{k}", conf)
+
+    def validation_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._eval_step(batch, dataloader_idx)
+
+    def test_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._eval_step(batch, dataloader_idx)
+
+    def on_validation_epoch_start(self) -> None:
+        self._eval_sums = self._sums  # validation runs inside a training epoch: keep its sums
+        self._sums = {}
+
+    def on_validation_epoch_end(self) -> None:
+        if not self.trainer.sanity_checking:
+            self._finish_eval("val")
+        self._sums = self._eval_sums
+
+    def on_test_epoch_start(self) -> None:
+        self._sums = {}
+
+    def on_test_epoch_end(self) -> None:
+        self._finish_eval("test")
+
+    def _finish_eval(self, stage: str) -> None:
+        loss, acc, balanced = [], [], []
+        for k in range(self.k):
+            cm = self._sums[f"confusion{k}"].double().cpu()
+            n = cm.sum()
+            loss.append(float(self._sums[f"loss{k}"][0]) / max(1.0, float(n)))
+            acc.append(float(cm.diag().sum() / n.clamp_min(1)))
+            support = cm.sum(1)
+            recall = cm.diag() / support.clamp_min(1)
+            present = support > 0
+            balanced.append(float(recall[present].mean()) if present.any() else float("nan"))
+            if stage == "test":
+                self.test_per_class[k] = [float(r) if p else float("nan")
+                                          for r, p in zip(recall.tolist(), present.tolist())]
+        self._record(f"{stage}/loss", torch.tensor(loss))
+        self._record(f"{stage}/acc", torch.tensor(acc))
+        if stage == "test":
+            self._record("test/balanced_acc", torch.tensor(balanced))
+
+    def unstack(self) -> list[nn.Module]:
+        """Write each seed's trained tensors back into its model; returns the K models."""
+        self.stacked.unstack_into(self.models)
+        return self.models
