@@ -163,7 +163,6 @@ def test_preflight_build_leaves_strategy_and_models_untouched():
 
 # --- through run(): types, unknown keys, ??? and strategy/model mismatches fail before the source trains
 @pytest.mark.parametrize("overrides, expect", [
-    pytest.param(["target.epochs=abc"], "target.epochs='abc'"),
     pytest.param(["target.data.samples_per_class=abc"], "samples_per_class='abc'"),
     pytest.param(["+strategy.blockz=2"], "strategy.blockz: unknown option"),
     pytest.param(["data@target.data=npz"], "target.data.train_file: missing value"),
