@@ -47,6 +47,14 @@ def cheap_check(cfg: DictConfig) -> tuple[bool, str]:
             or any(v is not None for v in (cfg.get("callbacks") or {}).values()):
         return False, ("Lightning callbacks (callbacks=..., e.g. trainer=fast's compile/channels-last, "
                        "early_stopping) act on one model, not K")
+    target = cfg.target
+    # the engine steps at a constant rate, tests the last weights and records no convergence:
+    # a cell asking for more must train alone rather than silently get less
+    if scheduler_of(cfg, "target") != "none":
+        return False, "a learning-rate schedule other than constant (the engine steps at one rate)"
+    select = getattr(target.get("select"), "value", target.get("select")) or "last"  # an enum in the schema
+    if str(select) != "last" or target.get("early_stopping"):
+        return False, "target.select=best_val / early stopping choose one checkpoint per model, not per seed"
     try:
         strategy = instantiate(cfg.strategy)
     except Exception as e:  # noqa: BLE001 — a broken strategy config fails in its own cell, loudly
