@@ -137,7 +137,8 @@ def test_compare_tunes_then_retrains_the_best_with_the_eval_seeds(tmp_path):
     assert {k: proto[k] for k in ("trials", "objective", "direction", "tuning_seed", "eval_seeds", "sampler",
                                   "label_budget", "val_per_class")} == {
         "trials": 3, "objective": "val/acc", "direction": "maximize", "tuning_seed": 0, "eval_seeds": [1, 2],
-        "sampler": "TPESampler", "label_budget": 10, "val_per_class": 100}
+        "sampler": "TPESampler", "label_budget": 10, "val_per_class": None}
+    assert (proto["val_fraction"], proto["max_val_per_class"]) == (0.1, 100)  # the fraction rule, stated
     assert "steps" in proto
     assert out["strategies"]["scratch"] == {"best_params": BEST["scratch"], "best_value": 0.8, "trials": 3,
                                             "failed_trials": 1}
@@ -146,8 +147,8 @@ def test_compare_tunes_then_retrains_the_best_with_the_eval_seeds(tmp_path):
 def test_validation_budget_tied_to_the_label_budget(tmp_path):
     code, runner = _run(tmp_path, "val_per_class=label")
     assert code == 0
-    assert all("target.data.max_val_per_class=10" in c for c in runner.calls[:4])
-    assert json.loads((tmp_path / "comparison.json").read_text())["protocol"]["val_per_class"] == 10
+    assert all("target.data.val_per_class=budget" in c for c in runner.calls[:4])
+    assert json.loads((tmp_path / "comparison.json").read_text())["protocol"]["val_per_class"] == "budget"
 
 
 def test_parallel_trials_use_the_joblib_launcher(tmp_path):

@@ -99,12 +99,12 @@ def search_key(conf_dir: Path = CONF_DIR) -> str:
     return "hparams_search" if has else "+hparams_search"
 
 
-def common(plan: Plan, label_budget: int | None = None) -> list[str]:
+def common(plan: Plan) -> list[str]:
     """The overrides every tuning trial and every evaluation cell shares."""
     out = [f"experiment={plan.experiment}"] if plan.experiment else []
-    n = label_budget if plan.val_per_class == "label" else plan.val_per_class
-    if n is not None:  # "label" before the budget is known: composed without, to read the budget
-        out.append(f"target.data.max_val_per_class={int(n)}")
+    if plan.val_per_class is not None:  # the data module's exact count; "budget" = the label budget
+        n = "budget" if plan.val_per_class == "label" else int(plan.val_per_class)
+        out.append(f"target.data.val_per_class={n}")
     return [*out, *plan.extra]
 
 
@@ -159,7 +159,10 @@ def compose_protocol(plan: Plan, strategy: str, key: str, shared: list[str]) -> 
     return {"trials": plan.trials, "objective": objective, "direction": str(sweeper.direction),
             "tuning_seed": plan.tuning_seed, "eval_seeds": plan.eval_seeds,
             "steps": cfg.target.get("steps"), "epochs": cfg.target.get("epochs"),
-            "val_per_class": data.get("max_val_per_class"), "val_fraction": data.get("val_fraction"),
+            # null: val_fraction of each class's pool, capped at max_val_per_class (what the data
+            # module reports per run: results.json data.target.val_counts)
+            "val_per_class": data.get("val_per_class"), "val_fraction": data.get("val_fraction"),
+            "max_val_per_class": data.get("max_val_per_class"),
             "sampler": str(sweeper.sampler._target_).rsplit(".", 1)[-1],
             "label_budget": data.get("samples_per_class"), "experiment": plan.experiment}
 
@@ -205,7 +208,7 @@ def compare(plan: Plan, runner: Runner = run_command) -> dict:
         protocols[s] = compose_protocol(plan, s, key, common(plan))
         if plan.val_per_class == "label" and protocols[s]["label_budget"] is None:
             raise ConfigError("val_per_class=label: target.data.samples_per_class is not set (no label budget)")
-    shared = common(plan, protocols[plan.strategies[0]]["label_budget"])
+    shared = common(plan)
     for s in plan.strategies:
         # a sweep with a failed cell exits 1 (a diverged trial is a failed trial, not an error):
         # the study counts when Hydra wrote its optimization_results.yaml (checked by ``tuned``)
