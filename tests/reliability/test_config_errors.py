@@ -170,6 +170,10 @@ def test_preflight_build_leaves_strategy_and_models_untouched():
                  "matches no module"),
     pytest.param(["strategy=finetune", "model@target.model=mlp"], "differs"),
     pytest.param(["strategy=linear_probe", "target.data.channels=3"], "differs"),
+    # raised inside a constructor that Hydra instantiates: one line, not Hydra's wrapped trace
+    pytest.param(["strategy=partial", "strategy.layers=[backbone.conv1]"],
+                 "partial needs exactly one of strategy.blocks or strategy.layers"),
+    pytest.param(["source.model.channels=[-4,8]"], "source.model.channels"),
 ])
 def test_config_errors_through_run_fail_before_training(tmp_path, overrides, expect):
     assert expect in fails_cleanly(tmp_path, *overrides)
