@@ -1,4 +1,9 @@
-"""Behaviour of the fine-tuning family: discriminative, gradual_unfreeze, l2sp, adapter, lora, multitask."""
+"""Behaviour of the fine-tuning family: discriminative, gradual_unfreeze, l2sp, adapter, lora, multitask
+(adapter and lora alone: test_strategies_peft.py).
+
+Local helpers (``pair``, ``batch``, ``make_module``, ``train_steps``) live in
+tests/finetuning_helpers.py.
+"""
 
 import copy
 import json
@@ -9,65 +14,17 @@ import torch
 import torch.nn.functional as F
 
 from conftest import compose_cfg
-from transfer_lab.checkpoint import load_trainable, save_trainable
+from finetuning_helpers import batch, make_module, pair, train_steps
 from transfer_lab.data import SyntheticData
 from transfer_lab.errors import ConfigError
-from transfer_lab.models import convnet, mlp, resnet_cifar
 from transfer_lab.module import TransferModule
 from transfer_lab.run import run
 from transfer_lab.strategies.adapter import Adapter
 from transfer_lab.strategies.discriminative import Discriminative
 from transfer_lab.strategies.gradual_unfreeze import GradualUnfreeze
 from transfer_lab.strategies.l2sp import L2SP
-from transfer_lab.strategies.linear_probe import LinearProbe
 from transfer_lab.strategies.lora import LoRA
 from transfer_lab.strategies.multitask import MultiTask
-from transfer_lab.strategies.peft_layers import AdapterLayer, LoRALayer
-
-ARCHS = {  # (factory, input shape): CNN with BatchNorm, MLP with BatchNorm, ResNet with shortcuts
-    "convnet": (lambda k: convnet(1, 12, k, channels=[4, 8]), (1, 12, 12)),
-    "mlp": (lambda k: mlp(1, 8, k, hidden=[16, 12], batch_norm=True), (1, 8, 8)),
-    "resnet": (lambda k: resnet_cifar(3, 8, k, depth=8, width=4), (3, 8, 8)),
-}
-
-
-def pair(arch="convnet", num_classes=3):
-    make, shape = ARCHS[arch]
-    torch.manual_seed(0)
-    src = make(4)
-    for m in src.modules():  # BN buffers unlike a fresh init, so a copy is visible
-        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
-            m.running_mean.add_(0.3)
-            m.running_var.mul_(1.5)
-    torch.manual_seed(1)
-    return src, make(num_classes), shape
-
-
-def batch(shape, k=3, n=8):
-    return torch.randn(n, *shape), torch.randint(0, k, (n,))
-
-
-def make_module(model, strategy, lr=0.1):
-    return TransferModule(model, strategy, lambda g: torch.optim.SGD(g, lr=lr), lr=lr, num_classes=3)
-
-
-def train_steps(model, strategy, shape, steps=2, batches=None):
-    """A few SGD steps through the module's own optimizer.
-
-    Returns the names that got a gradient tensor and those whose gradient was ever non-zero.
-    """
-    module = make_module(model, strategy)
-    module.train()
-    opt = module.configure_optimizers()
-    got, nonzero = set(), set()
-    for _ in range(steps):
-        opt.zero_grad(set_to_none=True)
-        b = batches() if batches else batch(shape, n=16)
-        module.training_step(b, 0).backward()
-        opt.step()
-        got |= {n for n, p in model.named_parameters() if p.grad is not None}
-        nonzero |= {n for n, p in model.named_parameters() if p.grad is not None and p.grad.any()}
-    return got, nonzero
 
 
 # --- which parameters train ---------------------------------------------------------------------
@@ -106,26 +63,6 @@ def test_exact_set_of_parameters_receiving_gradients(name, arch):
             assert torch.equal(after[k], v), f"{name}: frozen {k} changed"
     if name in ("adapter", "lora", "gradual_unfreeze"):
         assert all(torch.equal(after[k], v) for k, v in before.items() if "running_" in k)
-
-
-@pytest.mark.parametrize("strategy_cls, prefix", [(Adapter, "adapter_"), (LoRA, "lora_")])
-def test_prefixes_name_the_trainable_backbone_parameters(strategy_cls, prefix):
-    src, tgt, _ = pair("resnet")
-    model = strategy_cls().build(src, tgt)
-    trainable = [n for n, p in model.backbone.named_parameters() if p.requires_grad]
-    assert trainable and all(n.split(".")[-2].startswith(prefix) or
-                             n.split(".")[-1].startswith(prefix) for n in trainable)
-    assert any(".base_layer." in n for n, _ in model.named_parameters())
-
-
-@pytest.mark.parametrize("strategy_cls", [Adapter, LoRA])
-def test_adapters_and_lora_train_a_small_fraction_of_the_backbone(strategy_cls):
-    torch.manual_seed(0)
-    src, tgt = convnet(1, 28, 5), convnet(1, 28, 5)  # the experiment's model
-    n_backbone = sum(p.numel() for p in src.backbone.parameters())
-    model = strategy_cls().build(src, tgt)
-    n_new = sum(p.numel() for p in model.backbone.parameters() if p.requires_grad)
-    assert 0 < n_new < 0.12 * n_backbone, (n_new, n_backbone)
 
 
 # --- discriminative -----------------------------------------------------------------------------
@@ -180,74 +117,6 @@ def l2sp_drift(alpha: float) -> float:
 def test_l2sp_pulls_toward_the_source():
     """Same data, same steps: with a strong alpha the backbone drifts less than without."""
     assert 0 < l2sp_drift(5.0) < l2sp_drift(0.0)
-
-
-# --- adapters and LoRA ----------------------------------------------------------------------------
-@pytest.mark.parametrize("arch", list(ARCHS))
-@pytest.mark.parametrize("strategy_cls", [Adapter, LoRA])
-def test_adapter_and_lora_start_as_the_source(strategy_cls, arch):
-    src, tgt, shape = pair(arch)
-    model = strategy_cls().build(src, tgt)
-    model.head.load_state_dict(src.head.state_dict()) if tgt.num_classes == src.num_classes else None
-    wrapper = AdapterLayer if strategy_cls is Adapter else LoRALayer
-    assert any(isinstance(m, wrapper) for m in model.modules())
-    x = torch.randn(5, *shape)
-    src.eval(), model.eval()
-    with torch.no_grad():
-        torch.testing.assert_close(model.backbone(x), src.backbone(x), rtol=0, atol=1e-6)
-
-
-@pytest.mark.parametrize("arch", list(ARCHS))
-def test_lora_merge_gives_a_plain_model_with_the_same_outputs(arch):
-    src, tgt, shape = pair(arch)
-    strategy = LoRA(r=2, alpha=4.0)
-    model = strategy.build(src, tgt)
-    with torch.no_grad():  # as if trained: B away from zero
-        for n, p in model.named_parameters():
-            if "lora_B" in n:
-                p.normal_(0, 0.2)
-    x = torch.randn(6, *shape)
-    model.eval()
-    with torch.no_grad():
-        before = model(x)
-        merged = LoRA.merge(model)
-        after = merged(x)
-    assert not any(isinstance(m, LoRALayer) for m in merged.modules())
-    assert not any("lora_" in k or "base_layer" in k for k in merged.state_dict())
-    plain = ARCHS[arch][0](3)
-    plain.load_state_dict(merged.state_dict())  # strict: exactly the plain architecture's keys
-    torch.testing.assert_close(after, before, rtol=0, atol=1e-5)
-    with torch.no_grad():
-        torch.testing.assert_close(plain.eval()(x), before, rtol=0, atol=1e-5)
-
-
-def test_lora_and_adapter_config_errors_name_the_key():
-    src, tgt, _ = pair()
-    with pytest.raises(ConfigError, match="backbone.conv1.1 is a BatchNorm2d"):
-        LoRA(layers=["backbone.conv1.1"]).build(src, tgt)
-    with pytest.raises(ConfigError, match="strategy.r=0"):
-        LoRA(r=0)
-    with pytest.raises(ConfigError, match="'backbone.nope' matches no module"):
-        Adapter(layers=["backbone.nope"]).build(*pair()[:2])
-
-
-@pytest.mark.parametrize("strategy_cls", [Adapter, LoRA, LinearProbe])
-def test_trainable_only_checkpoint_loads_back_to_the_same_model(strategy_cls, tmp_path):
-    src, tgt, shape = pair()
-    model = strategy_cls().build(src, tgt)
-    train_steps(model, strategy_cls(), shape, steps=3)
-    path = save_trainable(model, tmp_path / "t.safetensors", "key123")
-    torch.manual_seed(7)  # a different fresh head: only the file can make the models agree
-    again = strategy_cls().build(copy.deepcopy(src), ARCHS["convnet"][0](3))
-    x = torch.randn(5, *shape)
-    model.eval(), again.eval()
-    assert not torch.allclose(again(x), model(x))
-    assert load_trainable(again, path) == "key123"
-    torch.testing.assert_close(again(x), model(x), rtol=0, atol=0)
-    from safetensors import safe_open
-    with safe_open(str(path), framework="pt") as f:
-        keys = set(f.keys())
-    assert not any(".base_layer." in k for k in keys) and "backbone.conv1.0.weight" not in keys
 
 
 # --- multitask ------------------------------------------------------------------------------------

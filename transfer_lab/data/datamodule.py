@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 
 import lightning as L
@@ -13,6 +12,7 @@ from transfer_lab.data.checks import (check_images, check_options, check_shapes,
                                      check_test_labels)
 from transfer_lab.data.loader import (BatchLoader, PILDataset, adapt_images, normalize, pil_loader,
                                      pil_transform, random_crop)
+from transfer_lab.data.splits import split_indices
 from transfer_lab.errors import ConfigError
 
 
@@ -98,7 +98,7 @@ class TransferDataModule(L.LightningDataModule):
         check_test_labels(self, yte, keep)
         xtr, ytr = _select(xtr, ytr, keep)
         xte, yte = _select(xte, yte, keep)
-        tr_idx, val_idx = self._split(ytr)
+        tr_idx, val_idx = split_indices(self, ytr)
         self.train_counts = np.bincount(ytr[tr_idx], minlength=self.num_classes)
         self.val_counts = np.bincount(ytr[val_idx], minlength=self.num_classes)
         pool = self._to_tensor(xtr)  # adapted once; statistics from the unlabelled pool
@@ -140,60 +140,6 @@ class TransferDataModule(L.LightningDataModule):
             raise ConfigError(f"{self.key}.classes={self.classes}: repeated class")
         self.class_names = list(self.classes)
         return self.class_names
-
-    def _split(self, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Per class: one seeded permutation. With ``val_per_class`` unset, validation comes first and
-        the budget follows it; with it set, the budget comes first and validation from the end — so
-        the labelled subsets (and validation sets) of one seed are nested across budgets either way."""
-        k = self.num_classes
-        counts = np.bincount(y, minlength=k)
-        n_val = self._val_counts(counts)
-        keep = self._budget(counts, n_val)
-        from_end = self.val_per_class is not None
-        train, val = [], []
-        for c in range(k):
-            idx = np.flatnonzero(y == c)
-            idx = idx[np.random.default_rng([self.seed, c]).permutation(len(idx))]
-            if from_end:
-                train.append(idx[:keep[c]])
-                val.append(idx[len(idx) - n_val[c]:])
-            else:
-                val.append(idx[:n_val[c]])
-                train.append(idx[n_val[c]:n_val[c] + keep[c]])
-        return np.sort(np.concatenate(train)), np.sort(np.concatenate(val))
-
-    def _val_counts(self, counts: np.ndarray) -> list[int]:
-        """Validation images per class: fixed (``val_per_class``), tied to the label budget
-        (``budget``), or a share of each class's pool capped at ``max_val_per_class``."""
-        if self.val_per_class == "budget":
-            return [self.samples_per_class] * len(counts)
-        if self.val_per_class is not None:
-            return [self.val_per_class] * len(counts)
-        cap = self.max_val_per_class if self.max_val_per_class is not None else math.inf
-        return [min(math.ceil(self.val_fraction * n), cap) for n in counts]
-
-    def _budget(self, counts: np.ndarray, n_val: list[int]) -> list[int]:
-        """Training images per class after validation: the label budget, then the imbalance profile."""
-        budget, k = self.samples_per_class, len(counts)
-        avail = [int(n - v) for n, v in zip(counts, n_val)]
-        c = int(np.argmin(avail))
-        name, need = self.class_names[c], max(1, budget or 1)
-        if self.val_per_class is not None and need > avail[c]:
-            raise ConfigError(f"{self.key}.val_per_class={self.val_per_class}: class {name} has {int(counts[c])} "
-                              f"image(s), too few for {n_val[c]} validation + {need} training image(s); "
-                              f"lower {self.key}.val_per_class or {self.key}.samples_per_class")
-        if avail[c] < 1:
-            raise ConfigError(f"{self.key}.val_fraction={self.val_fraction}: class {name} has no training "
-                              f"images left after the validation split ({int(counts[c])} image(s), "
-                              f"{n_val[c]} to validation)")
-        if budget is not None and budget > avail[c]:
-            raise ConfigError(f"{self.key}.samples_per_class={budget}: class {name} "
-                              f"has only {avail[c]} training images after the validation split")
-        keep = [budget or a for a in avail]
-        if self.imbalance_ratio is not None and k > 1:
-            n_max = min(keep)  # the profile starts from the count every class can meet
-            keep = [max(1, int(n_max * self.imbalance_ratio ** (-i / (k - 1)))) for i in range(k)]
-        return keep
 
     def _to_tensor(self, x: np.ndarray) -> torch.Tensor:
         t = torch.from_numpy(np.ascontiguousarray(x))

@@ -20,10 +20,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader
 
 from transfer_lab.data.datamodule import TransferDataModule
 from transfer_lab.data.loader import BatchLoader
+from transfer_lab.data.streamed import BatchOrder, Batches, RowImages, row_tokens
 from transfer_lab.errors import ConfigError
 
 CACHE_VERSION = 1  # bump when the decoding changes: old entries are then never read
@@ -198,7 +199,7 @@ class ImageFolderData(TransferDataModule):
         self._x_path, self._y_all, self._split_all = path, y, split
         tr, te = np.flatnonzero(split == 0), np.flatnonzero(split == 1)
         if self.streamed:  # the base class shapes a one-pixel stand-in that carries the row
-            x = _row_tokens(len(y), 1 if x.ndim == 3 else 3)
+            x = row_tokens(len(y), 1 if x.ndim == 3 else 3)
         else:
             x = np.asarray(x)
         return x[tr], y[tr], x[te], y[te]
@@ -256,7 +257,7 @@ class ImageFolderData(TransferDataModule):
         # this DataLoader's sampler, as for loader=torchvision
         order = BatchLoader(torch.arange(len(y)), y.cpu(), self.batch_size if train else self.eval_batch_size,
                             shuffle=train, seed=self.seed, sample_weights=weights)
-        return DataLoader(_Batches(x, y.cpu()), sampler=_BatchOrder(order), batch_size=None,
+        return DataLoader(Batches(x, y.cpu()), sampler=BatchOrder(order), batch_size=None,
                           num_workers=self.num_workers, persistent_workers=self.num_workers > 0,
                           pin_memory=torch.cuda.is_available())
 
@@ -264,78 +265,3 @@ class ImageFolderData(TransferDataModule):
         return {**super().summary(), "class_names": [self.folder_classes[c] for c in self.class_names],
                 "image_folder": {"root": str(self.root), "cache_hit": self.cache_hit,
                                  "streamed": self.streamed}}
-
-
-class RowImages:
-    """Images ``rows`` of a cached ``x.npy``, read from its memory map when indexed, as uint8
-    ``(n, C, H, W)`` tensors: what code that slices ``dm.x_train`` (LogME, distillation's logit
-    cache, DANN's target stream) needs, without holding the array. Picklable for workers."""
-
-    def __init__(self, path: Path, rows: np.ndarray) -> None:
-        self.path, self.rows = path, rows
-        self._x: np.ndarray | None = None
-        self.device, self.dtype = torch.device("cpu"), torch.uint8
-
-    def _array(self) -> np.ndarray:
-        if self._x is None:
-            self._x = np.load(self.path, mmap_mode="r")
-        return self._x
-
-    def __getstate__(self) -> dict:
-        return {**self.__dict__, "_x": None}
-
-    def __len__(self) -> int:
-        return len(self.rows)
-
-    @property
-    def shape(self) -> torch.Size:
-        x = self._array()
-        c = 1 if x.ndim == 3 else x.shape[3]
-        return torch.Size((len(self.rows), c, x.shape[1], x.shape[2]))
-
-    def __getitem__(self, idx) -> torch.Tensor:
-        if isinstance(idx, torch.Tensor):
-            idx = idx.cpu().numpy()
-        x = torch.from_numpy(self._array()[self.rows[idx]])
-        return (x.unsqueeze(1) if x.ndim == 3 else x.permute(0, 3, 1, 2)).contiguous()
-
-    def split(self, size: int):
-        return (self[slice(i, i + size)] for i in range(0, len(self), size))
-
-    def to(self, device, *args, **kwargs):
-        return self if torch.device(device).type == "cpu" else self[:].to(device, *args, **kwargs)
-
-
-class _Batches(Dataset):
-    """One whole batch per item: a worker reads a batch with one memory-map gather."""
-
-    def __init__(self, x: RowImages, y: torch.Tensor) -> None:
-        self.x, self.y = x, y
-
-    def __len__(self) -> int:
-        return len(self.y)
-
-    def __getitem__(self, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.x[pos], self.y[pos]
-
-
-class _BatchOrder(Sampler):
-    """Index batches in ``BatchLoader``'s order; Lightning's ``set_epoch`` reaches it."""
-
-    def __init__(self, order: BatchLoader) -> None:
-        self.order = order
-
-    def __iter__(self):
-        return (pos for pos, _ in self.order)
-
-    def __len__(self) -> int:
-        return len(self.order)
-
-    def set_epoch(self, epoch: int) -> None:
-        self.order.set_epoch(epoch)
-
-
-def _row_tokens(n: int, channels: int) -> np.ndarray:
-    """``(n, 1, 4, C)`` uint8 stand-ins: image ``i`` carries ``i`` as 4 little-endian bytes."""
-    b = np.arange(n, dtype="<u4").view(np.uint8).reshape(n, 1, 4, 1)
-    return np.repeat(b, channels, axis=3)
