@@ -80,6 +80,10 @@ def test_vectorised_sweep_writes_each_cell_as_the_plain_sweep_does_and_resumes(t
         assert v["target_training"]["vectorized_seeds"] == [0, 1, 2]
         assert "vectorized_seeds" not in p["target_training"]
         assert set(v) == set(p) and v["status"] == "ok"
+        # each seed's own curve judged by the run's rule: same number of validations, same verdict
+        for key in ("converged", "n_evals", "steps"):
+            assert v["convergence"][key] == p["convergence"][key], (seed, key)
+        assert v["selection"]["step"] == p["selection"]["step"] and v["selection"]["select"] == "last"
         assert v["metrics"].keys() == p["metrics"].keys()
         for k, x in p["metrics"].items():
             assert v["metrics"][k] == pytest.approx(x, abs=1e-4), (seed, k)

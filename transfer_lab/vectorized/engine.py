@@ -24,6 +24,8 @@ class SeedResult:
     model: nn.Module
     metrics: dict[str, float] = field(default_factory=dict)
     per_class: list[float] | None = None
+    #: ``(step, val/acc, epoch-mean training loss)`` at every validation: the convergence check's input
+    history: list[tuple[int, float, float | None]] = field(default_factory=list)
 
 
 def check_group(strategies: list[Strategy], dms: list[TransferDataModule],
@@ -65,5 +67,5 @@ def fit_seeds(models: list[nn.Module], strategies: list[Strategy], dms: list[Tra
     if test:
         trainer.test(module, datamodule=data, verbose=False)
     module.unstack()
-    return [SeedResult(m, dict(module.seed_metrics[k]), module.test_per_class[k])
+    return [SeedResult(m, dict(module.seed_metrics[k]), module.test_per_class[k], module.history[k])
             for k, m in enumerate(models)]

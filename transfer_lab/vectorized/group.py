@@ -14,10 +14,11 @@ from pathlib import Path
 from typing import Any
 
 from hydra.utils import instantiate
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from transfer_lab.builders import (last_checkpoint, make_trainer, resume_callbacks, scheduler_of,
                                    set_rng_state)
+from transfer_lab.convergence import judge
 from transfer_lab.results import save_weights, write_results
 from transfer_lab.run import prepare, start_record
 from transfer_lab.source_stage import source_stage, transferability_scores
@@ -112,6 +113,13 @@ def _write_cell(cell: dict, res, out_dir: Path, cfg: DictConfig, trained: dict, 
         results["per_class"] = {"test/acc": res.per_class}
     results["strategy_report"] = cell["strategy"].report()
     results["target_training"] = dict(trained)
+    # the keys run.run writes: a group tests its last weights (cells asking for best_val train
+    # alone) and judges each seed's own curve by the same rule
+    steps = int(trained["steps"])
+    results["selection"] = {"select": "last", "monitor": "val/acc", "mode": "max", "step": steps,
+                            "value": res.metrics.get("val/acc")}
+    results["convergence"] = judge(res.history, steps, "val/acc", "max",
+                                   **OmegaConf.to_container(cfg.target.convergence))
     results["timings"] = {"source_s": cell["source_s"], **shares}
     results["status"] = "ok"
     results["weights"] = save_weights(res.model, out_dir, cfg.target.save_weights, results["source"].get("key"))

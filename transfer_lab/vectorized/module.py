@@ -72,6 +72,9 @@ class VectorizedModule(L.LightningModule):
                                randomness="different")
         self.seed_metrics: list[dict[str, float]] = [{} for _ in range(self.k)]
         self.test_per_class: list[list[float] | None] = [None] * self.k
+        # per seed, (step, val/acc, train loss) at every validation, for the convergence check; the
+        # loss is the epoch's mean (filled in at the epoch's end, which follows its validation)
+        self.history: list[list[tuple[int, float, float | None]]] = [[] for _ in range(self.k)]
         self._sums: dict[str, torch.Tensor] = {}
 
     @property
@@ -148,6 +151,9 @@ class VectorizedModule(L.LightningModule):
                                      f"group in epoch {self.current_epoch}: train them one at a time")
         self._record("train/acc", s["correct"] / count)
         self._record("train/loss", s["loss"] / count)
+        for k, hist in enumerate(self.history):
+            self.history[k] = [(st, v, float(s["loss"][k] / count[k]) if ls is None else ls)
+                               for st, v, ls in hist]
         for name in [n for n in s if n.startswith("term:")]:
             self._record(f"train/{name[len('term:'):]}", s[name] / count)
 
@@ -238,6 +244,9 @@ class VectorizedModule(L.LightningModule):
                                           for r, p in zip(recall.tolist(), present.tolist())]
         self._record(f"{stage}/loss", torch.tensor(loss))
         self._record(f"{stage}/acc", torch.tensor(acc))
+        if stage == "val" and not self.trainer.sanity_checking:
+            for k in range(self.k):
+                self.history[k].append((int(self.global_step), acc[k], None))
         if stage == "test":
             self._record("test/balanced_acc", torch.tensor(balanced))
 
