@@ -139,9 +139,10 @@ def _fits(value: Any, hint: Any) -> bool:
     return False
 
 
-def _describe(hint: Any) -> str:
+def describe(hint: Any) -> str:
+    """A type hint in words for one-line errors (``int or null``, ``Sequence[int]``)."""
     if typing.get_origin(hint) in (typing.Union, types.UnionType):
-        return " or ".join(_describe(a) for a in typing.get_args(hint))
+        return " or ".join(describe(a) for a in typing.get_args(hint))
     if hint is type(None):
         return "null"
     name = getattr(hint, "__name__", None) if typing.get_origin(hint) is None else None
@@ -184,7 +185,7 @@ def model_spec(config: Mapping[str, Any], where: str) -> tuple[Callable[..., nn.
             value = None  # the package's tensors are the weights; nothing is fetched or read
         if not _fits(value, hints.get(key)):
             raise ConfigError(f"{where}: model.{key}={_short(value)}: expected "
-                              f"{_describe(hints.get(key))} (numbers within ±{MAX_INT}, "
+                              f"{describe(hints.get(key))} (numbers within ±{MAX_INT}, "
                               f"at most {MAX_LEN} items)")
         kwargs[key] = value
     (c, _, s), n = _shape(config, where)  # as the run wires it: image_size is the width

@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from transfer_lab.errors import ConfigError
+from transfer_lab.model_spec import describe as _describe  # one wording of a type hint
 
 #: keys the run injects into leaves (not in the YAML, but accepted by the constructors)
 INJECTED = {"data": {"seed", "key", "channels", "image_size"},
@@ -104,15 +105,6 @@ def _matches(value: Any, hint: Any) -> bool | None:
     if base in (dict, Mapping):
         return isinstance(value, dict)
     return None
-
-
-def _describe(hint: Any) -> str:
-    if typing.get_origin(hint) in (typing.Union, types.UnionType):
-        return " or ".join(_describe(a) for a in typing.get_args(hint))
-    if hint is type(None):
-        return "null"
-    text = getattr(hint, "__name__", None) if typing.get_origin(hint) is None else None
-    return text or str(hint).replace("typing.", "").replace("collections.abc.", "")
 
 
 def check_leaf(node: Mapping[str, Any], key: str, injected: set[str] = frozenset()) -> None:
