@@ -11,7 +11,8 @@ import torch
 from conftest import ROOT, compose_cfg
 from transfer_lab.errors import ConfigError
 from transfer_lab.run import run
-from transfer_lab.store import SourceStore, export_package, import_package, load_state_dict
+from transfer_lab.store import SourceStore
+from transfer_lab.package import export_package, import_package, load_state_dict
 
 RESULT_KEYS = {"strategy", "seed", "metrics", "source", "timings", "params", "config", "env", "status"}
 
@@ -117,7 +118,7 @@ def test_source_scheduler_is_part_of_the_store_key_and_anneals_the_source(tmp_pa
     old string form (source.scheduler=cosine) is one line before training."""
     from transfer_lab.module import TransferModule
     from transfer_lab.source_stage import source_spec
-    from transfer_lab.store import store_key
+    from transfer_lab.package import store_key
 
     seen = []
     original = TransferModule.on_train_end if hasattr(TransferModule, "on_train_end") else None
@@ -156,7 +157,7 @@ def test_steps_replace_epochs_and_validation_runs_every_n_steps(tmp_path):
 
 def test_source_steps_enter_the_store_key_only_when_set(synth):
     from transfer_lab.source_stage import source_spec
-    from transfer_lab.store import store_key
+    from transfer_lab.package import store_key
 
     dm = synth(shape=(1, 16, 16))
     plain = source_spec(compose_cfg(), dm)

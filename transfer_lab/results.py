@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from transfer_lab.store import store_key
+from transfer_lab.package import store_key
 
 # keys that change how a run is executed, logged or stored, not its result: resuming and the
 # report's grouping ignore them

@@ -26,7 +26,8 @@ from transfer_lab.io import read_weights, sha256_file
 from transfer_lab.models.classifier import Classifier
 from transfer_lab.models.weights import model_data_config
 from transfer_lab.module import NonFiniteLossError
-from transfer_lab.store import SourceStore, load_state_dict, store_key
+from transfer_lab.store import SourceStore
+from transfer_lab.package import load_state_dict, store_key
 from transfer_lab.strategies.base import Strategy
 from transfer_lab.strategies.scratch import Scratch
 from transfer_lab.validate import load_into

@@ -33,9 +33,7 @@ from safetensors.torch import save_file
 
 from transfer_lab.errors import ConfigError
 from transfer_lab.io import atomic_write_json, fsync_dir, sha256_file
-# moved to package.py; still importable from here (run.py and tests import them from the store)
-from transfer_lab.package import (FILES, PACKAGE_FILES, export_package, import_package,  # noqa: F401
-                                  load_state_dict, read_entry, read_package, store_key)
+from transfer_lab.package import FILES, read_entry
 
 log = logging.getLogger(__name__)
 KEY_RE = re.compile(r"[0-9a-f]{8,64}")

@@ -19,7 +19,7 @@ from reliability.test_safe_loading import make_spec, write_package
 from transfer_lab.errors import ConfigError
 from transfer_lab.model_spec import MODEL_FACTORIES, build_model_from_spec, parse_config
 from transfer_lab.models import Classifier, mlp
-from transfer_lab.store import read_package
+from transfer_lab.package import read_package
 
 FUZZ = settings(max_examples=60, deadline=None, derandomize=True,
                 suppress_health_check=[HealthCheck.too_slow])

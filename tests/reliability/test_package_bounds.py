@@ -18,7 +18,8 @@ from reliability.test_safe_loading import make_spec, one_line, write_package
 from transfer_lab.errors import ConfigError
 from transfer_lab.io import sha256_bytes
 from transfer_lab.models import mlp
-from transfer_lab.store import SourceStore, import_package, load_state_dict, read_package
+from transfer_lab.store import SourceStore
+from transfer_lab.package import import_package, load_state_dict, read_package
 
 STATE = mlp(1, 8, 3, hidden=[16], batch_norm=True).state_dict()
 
@@ -39,7 +40,8 @@ from pathlib import Path
 sys.path.insert(0, sys.argv[2])
 from reliability.test_safe_loading import make_spec
 from transfer_lab.errors import ConfigError
-from transfer_lab.store import SourceStore, import_package
+from transfer_lab.store import SourceStore
+from transfer_lab.package import import_package
 
 path = Path(sys.argv[1])
 base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss

@@ -17,7 +17,8 @@ from reliability.test_safe_loading import MODEL, make_spec, one_line, write_pack
 from transfer_lab.errors import ConfigError
 from transfer_lab.models import convnet, mlp
 from transfer_lab.run import run
-from transfer_lab.store import SourceStore, export_package, import_package, load_state_dict, read_package
+from transfer_lab.store import SourceStore
+from transfer_lab.package import export_package, import_package, load_state_dict, read_package
 
 STATE = mlp(1, 8, 3, hidden=[16], batch_norm=True).state_dict()
 

@@ -19,8 +19,8 @@ from transfer_lab.errors import ConfigError
 from transfer_lab.io import sha256_bytes
 from transfer_lab.models import mlp
 from transfer_lab.run import run
-from transfer_lab.store import (SourceStore, export_package, import_package, load_state_dict,
-                                read_package, store_key)
+from transfer_lab.store import SourceStore
+from transfer_lab.package import export_package, import_package, load_state_dict, read_package, store_key
 
 
 def one_line(e: pytest.ExceptionInfo) -> str:
