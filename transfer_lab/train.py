@@ -86,8 +86,8 @@ def apply_placement(cfg: DictConfig, where: dict[str, Any]) -> Any:
 
 def headline(metrics: dict) -> str:
     """The run's headline metric key: ``test/acc``, or ``test/r2`` for a regression run (the
-    report's rule; imported here, after training, to keep pandas out of start-up)."""
-    from transfer_lab.report import headline as metric
+    results loader's rule; imported here, after training, to keep start-up light)."""
+    from transfer_lab.analysis.collect import headline as metric
 
     return f"test/{metric(metrics) or 'acc'}"
 
