@@ -67,7 +67,8 @@ def test_cached_logits_equal_the_teachers_logits_on_the_same_batches(tmp_path):
     """Each cached batch: its images and labels are the uncached loader's, in the same order,
     and its logits are what the teacher computes on that batch (to 1e-6)."""
     cfg = compose_cfg(*DISTILL, "target.data.batch_size=7", store=tmp_path / "store")
-    strategy, source_dm, target_dm, _ = prepare(cfg)
+    p = prepare(cfg)
+    strategy, source_dm, target_dm = p.strategy, p.source_dm, p.target_dm
     source, _ = source_stage(cfg, strategy, source_dm)
     strategy.build(source, build_model(cfg.target.model, target_dm))
     dm = strategy.datamodule(target_dm, source_dm)

@@ -22,7 +22,8 @@ from transfer_lab.strategies.distill import Distill, kd_loss
 def fit(tmp_path, *overrides: str, before_fit=None):
     """What ``run`` does up to ``trainer.fit``, keeping the strategy and modules for inspection."""
     cfg = compose_cfg(*overrides, store=tmp_path / "store")
-    strategy, source_dm, target_dm, model_cfg = prepare(cfg)
+    p = prepare(cfg)
+    strategy, source_dm, target_dm, model_cfg = p.strategy, p.source_dm, p.target_dm, p.target_model_cfg
     source, _ = source_stage(cfg, strategy, source_dm)
     torch.manual_seed(cfg.seed)
     model = strategy.build(source, build_model(model_cfg, target_dm))

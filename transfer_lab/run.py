@@ -46,8 +46,7 @@ warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode at the st
 
 @dataclass
 class Prepared:
-    """Everything ``run`` needs, checked and built once. Unpacks as the four-tuple
-    ``(strategy, source_dm, target_dm, target_model_cfg)`` that callers of ``prepare`` use."""
+    """Everything ``run`` needs, checked and built once."""
 
     strategy: Strategy
     source_dm: TransferDataModule | None
@@ -56,9 +55,6 @@ class Prepared:
     source_model: Classifier | None = None
     target_model: Classifier | None = None
     target_rng: dict | None = None  # the RNG state right after the seeded target build
-
-    def __iter__(self):
-        return iter((self.strategy, self.source_dm, self.target_dm, self.target_model_cfg))
 
 
 def prepare(cfg: DictConfig) -> Prepared:

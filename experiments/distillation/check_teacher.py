@@ -42,7 +42,8 @@ def accuracy(strategy, dm, x_u8, y, train_mode: bool, augment: bool) -> float:
 def main() -> None:
     with initialize_config_dir(str(CONF), version_base="1.3"):
         cfg = compose("train", overrides=sys.argv[1:])
-    strategy, source_dm, target_dm, model_cfg = prepare(cfg)
+    p = prepare(cfg)
+    strategy, source_dm, target_dm, model_cfg = p.strategy, p.source_dm, p.target_dm, p.target_model_cfg
     source, record = source_stage(cfg, strategy, source_dm)
     strategy.build(source, build_model(model_cfg, target_dm))
     strategy.datamodule(target_dm, source_dm)
