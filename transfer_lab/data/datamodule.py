@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 
 import lightning as L
 import numpy as np
@@ -84,6 +85,12 @@ class TransferDataModule(L.LightningDataModule):
     def allows_hflip(self) -> bool:
         """Override to return False where mirrored images change meaning (digits)."""
         return True
+
+    def input_files(self) -> list[str | Path] | None:
+        """Override to list the files or folders ``load_arrays`` reads ([] for none): trials in
+        one process then reuse the prepared data while those are unchanged (``prepared_cache``).
+        None (the default): unknown, prepared every time."""
+        return None
 
     # --- shaping ----------------------------------------------------------------------------
     def prepare(self) -> TransferDataModule:

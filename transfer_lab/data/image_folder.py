@@ -62,6 +62,9 @@ class ImageFolderData(TransferDataModule):
     def describe(self, split: str) -> str:
         return f"{self.key}.root={self.root} ({split})"
 
+    def input_files(self) -> list[Path]:
+        return [self.root]
+
     # --- the folder -------------------------------------------------------------------------
     def scan(self) -> tuple[list[str], list[tuple[str, int, int]]]:
         """``(class names, [(relative path, label, split)])``; split 0 = train/, 1 = test/."""

@@ -39,6 +39,9 @@ class TorchvisionData(TransferDataModule):
     def describe(self, split: str) -> str:
         return f"{self.key}.dataset={self.dataset} ({split} split under {self.root})"
 
+    def input_files(self) -> list[str]:
+        return [self.root]  # each dataset has its own layout under root: all of it
+
     def _load(self, train: bool):
         import torchvision
 
@@ -76,6 +79,9 @@ class NpzData(TransferDataModule):
     def describe(self, split: str) -> str:
         return f"{self.key}.{split}_file={getattr(self, f'{split}_file')}"
 
+    def input_files(self) -> list[str]:
+        return [self.train_file, self.test_file]
+
     def load_arrays(self):
         train, test = (read_npz(getattr(self, f"{s}_file"), self.describe(s), ("x", "y"))
                        for s in ("train", "test"))
@@ -98,6 +104,9 @@ class EmbeddedMNIST(TransferDataModule):
 
     def allows_hflip(self) -> bool:
         return False
+
+    def input_files(self) -> list[str]:
+        return []  # a file inside an installed package
 
     def load_arrays(self):
         x, y = load_mnist5k()
@@ -133,6 +142,9 @@ class SyntheticData(TransferDataModule):
         require_number(noise, f"{self.key}.noise", 0)
         self.n_classes, self.shape, self.noise = num_classes, tuple(shape), noise
         self.n_train, self.n_test, self.data_seed = n_train, n_test, data_seed
+
+    def input_files(self) -> list[str]:
+        return []  # drawn from data_seed
 
     def load_arrays(self):
         rng = np.random.default_rng(self.data_seed)

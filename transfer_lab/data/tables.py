@@ -197,6 +197,10 @@ class TableData(TransferDataModule):
         self._ready = True
         return self
 
+    def input_files(self) -> list[str]:
+        # an embedded table ships inside an installed package
+        return [f for f in (self.train_file, self.test_file) if f and not str(f).startswith("embedded:")]
+
     @property
     def class_weights(self) -> None:
         return None
