@@ -8,8 +8,10 @@ import pytest
 import torch
 
 from conftest import compose_cfg
+from test_image_folder import make_folder
 from transfer_lab.data import NpzData, SyntheticData
 from transfer_lab.data import prepared_cache as pc
+from transfer_lab.data.image_folder import ImageFolderData
 from transfer_lab.data.tables import TableData, synthetic_table
 from transfer_lab.run import prepare, run
 
@@ -40,8 +42,11 @@ def npz_module(tmp_path, **kw) -> NpzData:
 
 def assert_same_data(a, b) -> None:
     for name in SPLITS:
-        assert torch.equal(getattr(a, name), getattr(b, name)), name
-    assert a.summary() == b.summary()
+        assert torch.equal(getattr(a, name)[:], getattr(b, name)[:]), name  # [:]: streamed images too
+    facts = [dm.summary() for dm in (a, b)]
+    for f in facts:  # whether the decoded folder was on disk already: not the data
+        f.get("image_folder", {}).pop("cache_hit", None)
+    assert facts[0] == facts[1]
 
 
 @pytest.mark.parametrize("kind", ["npz", "synthetic", "table"])
@@ -57,6 +62,25 @@ def test_cached_prepare_gives_the_tensors_of_a_fresh_prepare(tmp_path, kind):
     assert_same_data(fresh, second)
     # the reuse is the point: the second module holds the first one's tensors, not a copy
     assert second.x_train.data_ptr() == first.x_train.data_ptr()
+
+
+@pytest.mark.parametrize("budget_mb", [1024, 0])  # in memory; streamed from the decoded file
+def test_image_folder_reuse_and_a_new_image_is_a_miss(tmp_path, budget_mb):
+    root = make_folder(tmp_path / "f", n=8)
+
+    def make():
+        return ImageFolderData(root=str(root), cache_dir=str(tmp_path / "cache"), classes=["cat", "ant"],
+                               memory_budget_mb=budget_mb, samples_per_class=3, val_fraction=0.5, seed=1)
+    fresh = make().prepare()
+    first, second = pc.prepare_cached(make()), pc.prepare_cached(make())
+    assert pc.counts["hits"] == 1 and second.streamed is (budget_mb == 0)
+    assert_same_data(fresh, first)
+    assert_same_data(fresh, second)
+    assert second.classes == [2, 0] and second.folder_classes == ["ant", "bee", "cat"]
+    make_folder(tmp_path / "f", n=9)  # one more image per class
+    again = pc.prepare_cached(make())
+    assert pc.counts["misses"] == 2 and len(again.y_val) == len(fresh.y_val) + 2  # 4 → 5 per class
+    assert_same_data(again, make().prepare())
 
 
 def test_each_trial_gets_its_own_module(tmp_path):
