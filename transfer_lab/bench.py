@@ -204,6 +204,9 @@ def main(argv: list[str] | None = None) -> None:
             res["de"] = bench_process(args, device, Path(res["c"]["store"]), work)
         if "g" in args.parts:
             res["g"] = bench_seeds(args, device, work)
+        if "h" in args.parts:  # the cost of a tuning trial (bench_process; not in the default parts)
+            from transfer_lab.bench_process import bench_trials
+            res["h"] = bench_trials(args, device, work)
     summary = {
         "framework_vs_loop": min((v["ratio"] for v in res.get("a", {}).values()), default=None),
         "data_path_vs_pil": min((v["ratio"] for v in res.get("b", {}).values()), default=None),
