@@ -172,3 +172,32 @@ def test_prepare_of_a_cell_and_its_training_match_with_and_without_reuse(tmp_pat
         assert res["selection"] == off["selection"]
     assert any(state["x_train"] is hit_p.target_dm.x_train for state, _ in pc._entries.values())
     assert_same_data(off_p.target_dm, hit_p.target_dm)  # after two trainings over the shared tensors
+
+
+@pytest.mark.slow
+def test_an_optuna_study_in_one_process_reuses_the_data_and_finds_the_same(tmp_path):
+    """``hparams_search=linear_probe``, 3 trials in one process, with reuse and without
+    (``TRANSFER_LAB_DATA_CACHE_MB=0``): trials 2 and 3 reuse trial 1's data, and every trial's
+    results and the study's best are the same either way."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from conftest import ROOT, TINY
+
+    out = {}
+    for mb in ("1024", "0"):
+        sweep = tmp_path / f"mb{mb}"
+        cmd = [sys.executable, "-m", "transfer_lab.train", *TINY, "hparams_search=linear_probe",
+               "hydra.sweeper.n_trials=3", f"hydra.sweep.dir={sweep}", "hydra.sweep.subdir=${hydra.job.num}",
+               f"store_dir={tmp_path}/store", "target.steps=6", "target.val_check_interval=2", "logger=none"]
+        done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900,
+                              env={**os.environ, "TRANSFER_LAB_DATA_CACHE_MB": mb})
+        assert done.returncode == 0, done.stderr[-3000:]
+        out[mb] = [json.loads((sweep / str(i) / "results.json").read_text()) for i in range(3)]
+        reused = ["reusing the data" in (sweep / str(i) / "train.log").read_text() for i in range(3)]
+        assert reused == ([False, True, True] if mb != "0" else [False] * 3)
+    for on, off in zip(out["1024"], out["0"]):
+        assert on["metrics"] == off["metrics"] and on["data"] == off["data"]
+        assert on["config"]["target"]["optimizer"]["lr"] == off["config"]["target"]["optimizer"]["lr"]

@@ -20,6 +20,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import logging
 import os
 from collections import OrderedDict
 from pathlib import Path
@@ -40,6 +41,7 @@ LOADER_ONLY = frozenset({"batch_size", "eval_batch_size", "loader", "num_workers
 RUNTIME = frozenset({"trainer", "_trainer", "_stats", "_minority", "_ready", "_log_hyperparams",
                      "prepare_data_per_node", "allow_zero_length_dataloader_with_multiple_devices"})
 
+log = logging.getLogger("transfer_lab")
 _entries: OrderedDict[tuple, tuple[dict[str, Any], int]] = OrderedDict()
 counts = {"hits": 0, "misses": 0, "uncacheable": 0}
 
@@ -74,6 +76,7 @@ def prepare_cached(dm: TransferDataModule) -> TransferDataModule:
         state, _ = _entries[key]
         dm.__dict__.update(_copy(state))
         counts["hits"] += 1
+        log.info("%s: reusing the data an earlier run of this process prepared", dm.key)
         return dm
     before = dict(vars(dm))
     dm.prepare()
