@@ -13,6 +13,7 @@ from transfer_lab.data import NpzData, SyntheticData
 from transfer_lab.data import prepared_cache as pc
 from transfer_lab.data.image_folder import ImageFolderData
 from transfer_lab.data.tables import TableData, synthetic_table
+from transfer_lab.errors import ConfigError
 from transfer_lab.run import prepare, run
 
 SPLITS = ("x_train", "y_train", "x_val", "y_val", "x_test", "y_test")
@@ -126,6 +127,10 @@ def test_off_switch_and_modules_that_do_not_name_their_inputs(tmp_path, monkeypa
     for _ in range(2):
         pc.prepare_cached(Unnamed(samples_per_class=3))
     assert len(loads) == 2 and pc.counts["uncacheable"] == 2
+    for bad in ("lots", "-1", "nan"):
+        monkeypatch.setenv("TRANSFER_LAB_DATA_CACHE_MB", bad)
+        with pytest.raises(ConfigError, match=f"TRANSFER_LAB_DATA_CACHE_MB={bad}: expected megabytes"):
+            pc.prepare_cached(npz_module(tmp_path))
 
 
 def test_budget_and_entry_bound(tmp_path, monkeypatch):

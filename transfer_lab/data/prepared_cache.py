@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from transfer_lab.data.datamodule import TransferDataModule
+from transfer_lab.errors import ConfigError
 
 MAX_ENTRIES = 8
 DEFAULT_MB = 1024.0
@@ -47,13 +48,16 @@ counts = {"hits": 0, "misses": 0, "uncacheable": 0}
 
 
 def budget_bytes() -> int:
-    """The byte budget from ``TRANSFER_LAB_DATA_CACHE_MB`` (0 or negative: no reuse)."""
-    raw = os.environ.get("TRANSFER_LAB_DATA_CACHE_MB", "")
+    """The byte budget from ``TRANSFER_LAB_DATA_CACHE_MB`` (0: no reuse)."""
+    raw = os.environ.get("TRANSFER_LAB_DATA_CACHE_MB", "").strip()
     try:
-        mb = float(raw) if raw.strip() else DEFAULT_MB
+        mb = float(raw) if raw else DEFAULT_MB
     except ValueError:
-        mb = DEFAULT_MB
-    return int(max(mb, 0.0) * 2**20)
+        mb = -1.0
+    if not 0 <= mb < float("inf"):
+        raise ConfigError(f"TRANSFER_LAB_DATA_CACHE_MB={raw}: expected megabytes ≥ 0 for the prepared data "
+                          "reused within a process (0 turns the reuse off)")
+    return int(mb * 2**20)
 
 
 def clear() -> None:
