@@ -36,12 +36,14 @@ def test_group_key_ignores_only_the_seed():
     (["strategy=finetune", "optimizer@target.optimizer=sgd"], True),
     (["strategy=finetune", "trainer=fast"], False),
     (["strategy=finetune", "callbacks=early_stopping"], False),
-    # the engine steps at one constant rate and tests the last weights: asking for a schedule,
-    # best-val selection or early stopping trains the cell alone rather than silently without them
-    (["strategy=finetune", "scheduler@target.scheduler=cosine"], False),
-    (["strategy=finetune", "scheduler@source.scheduler=cosine"], True),
-    (["strategy=finetune", "target.select=best_val"], False),
-    (["strategy=finetune", "experiment=quickstart"], False),
+    # schedules and best-validation selection are per seed; early stopping would stop all K at once
+    (["strategy=finetune", "scheduler@target.scheduler=cosine"], True),
+    (["strategy=finetune", "scheduler@target.scheduler=onecycle"], True),
+    (["strategy=finetune", "target.select=best_val"], True),
+    (["strategy=finetune", "target.select=best_val", "target.monitor=val/loss"], True),
+    (["strategy=finetune", "target.select=best_val", "target.monitor=val/balanced_acc"], False),
+    (["strategy=finetune", "+target.early_stopping.patience=3"], False),
+    (["strategy=finetune", "experiment=quickstart"], True),
 ])
 def test_cheap_check_decides_from_the_config_alone(overrides, ok):
     got, why = cheap_check(compose_cfg(*overrides))
