@@ -79,7 +79,9 @@ def run_group(cfgs: list[DictConfig], out_dirs: list[str | Path], choices: list[
     except NotVectorisable as e:
         log.info("seeds %s trained one at a time: %s", [int(c.seed) for c in cfgs], e)
         return None
-    group_dir = Path(group_dir)
+    # one directory per set of seeds: a checkpoint of K seeds never resumes a group of other seeds
+    # (a re-run after some cells finished another way trains the rest from their start)
+    group_dir = Path(group_dir) / ("seeds-" + "-".join(str(int(c.seed)) for c in cfgs))
     ckpt_dir = group_dir / "checkpoints"
     trainer = make_trainer(cfg, "target", group_dir, resume_callbacks(cfg, ckpt_dir))
     resume_from = last_checkpoint(ckpt_dir) if cfg.get("resume", True) else None
