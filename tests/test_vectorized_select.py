@@ -8,6 +8,7 @@ import functools
 
 import pytest
 import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
 from test_vectorized import ATOL, OPT, SEEDS, cell, trainer
 
 from transfer_lab import schedulers
@@ -101,3 +102,26 @@ def test_seed_selection_keeps_each_seed_s_first_strictly_better_value():
     restored.load_state_dict(sel.state_dict())
     assert [restored.record(k, 9) for k in range(2)] == [sel.record(k, 9) for k in range(2)]
     assert restored.record(0, 9)["step"] == 3 and restored.best[1]["w"].item() == 1.0
+
+
+@pytest.mark.slow
+def test_a_resumed_group_keeps_each_seed_s_best_and_curve(tmp_path):
+    def fit(**kw):
+        strategies, models, dms = zip(*(cell("finetune", s) for s in SEEDS))
+        ckpt = kw.pop("ckpt_path", None)
+        return fit_seeds(list(models), list(strategies), list(dms), OPT, 0.1, trainer(**kw), ckpt_path=ckpt,
+                         select="best_val", monitor="val/loss")
+
+    last = ModelCheckpoint(dirpath=tmp_path, filename="last", save_top_k=1, monitor=None,
+                           enable_version_counter=False)
+    fit(max_epochs=3, callbacks=[last], enable_checkpointing=True)
+    resumed = fit(max_epochs=6, ckpt_path=str(tmp_path / "last.ckpt"))
+    straight = fit(max_epochs=6)
+    # some seed's best came before the interruption: only the checkpointed best can give it back
+    assert any(s.selection["step"] <= 9 for s in straight)
+    for r, s in zip(resumed, straight):
+        assert r.selection["step"] == s.selection["step"]
+        assert r.selection["value"] == pytest.approx(s.selection["value"], abs=1e-6)
+        assert [x for h in r.history for x in h] == pytest.approx([x for h in s.history for x in h], abs=1e-6)
+        for k, v in s.model.state_dict().items():
+            assert torch.allclose(r.model.state_dict()[k].double(), v.double(), atol=1e-6), k

@@ -82,7 +82,8 @@ if os.environ.get("KILL_GROUP_OF"):
     group.fit_seeds = _fit_and_die
 """
 SWEEP = ["seed=0,1,2", "strategy=scratch,finetune", "source.epochs=1", "target.epochs=4",
-         "transferability=false", "scheduler@target.scheduler=cosine", "target.select=best_val"]
+         "transferability=false", "scheduler@target.scheduler=cosine", "target.select=best_val",
+         "hydra.sweep.subdir=${hydra.job.num}"]  # every override in the name is too long a file name
 
 
 def sweep(tmp: Path, name: str, *extra: str, kill: str | None = None) -> tuple[str, dict, dict]:
