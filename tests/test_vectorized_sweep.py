@@ -181,3 +181,25 @@ def test_a_missing_plugin_by_default_falls_back_to_the_basic_launcher(monkeypatc
     cfg = launcher_cfg("hydra/launcher=vectorized")
     launcher_check.LauncherInstalled().on_multirun_start(cfg)
     assert cfg.hydra.launcher._target_ == launcher_check.PLUGIN
+
+
+def test_the_job_loop_reuses_each_config_the_launcher_composed_once():
+    import importlib.util
+
+    path = ROOT / "transfer_lab" / "vectorized" / "hydra_plugins" / "transfer_lab_launcher" / "vectorized_launcher.py"
+    spec = importlib.util.spec_from_file_location("vectorized_launcher_under_test", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+
+    class Loader:
+        calls: list = []
+        other = "passed through"
+
+        def load_sweep_config(self, master, overrides):
+            self.calls.append(list(overrides))
+            return {"fresh": overrides}
+
+    loader = module._Composed(Loader(), {("seed=0",): {"composed": 0}})
+    assert loader.load_sweep_config(None, ["seed=0"]) == {"composed": 0}
+    assert loader.load_sweep_config(None, ["seed=0"]) == {"fresh": ["seed=0"]}  # once only
+    assert Loader.calls == [["seed=0"]] and loader.other == "passed through"
