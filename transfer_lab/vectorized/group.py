@@ -16,14 +16,15 @@ from typing import Any
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from transfer_lab.builders import (last_checkpoint, make_trainer, resume_callbacks, scheduler_of,
+from transfer_lab.builders import (last_checkpoint, make_trainer, resume_callbacks, schedule_factory,
                                    set_rng_state)
 from transfer_lab.convergence import judge
 from transfer_lab.results import save_weights, write_results
-from transfer_lab.run import prepare, start_record
+from transfer_lab.run import prepare, selection_of, start_record
 from transfer_lab.source_stage import source_stage, transferability_scores
 from transfer_lab.vectorized.data import NotVectorisable
 from transfer_lab.vectorized.engine import check_group, fit_seeds
+from transfer_lab.vectorized.select import MONITORS
 from transfer_lab.vectorized.terms import vectorizable
 
 log = logging.getLogger("transfer_lab")
@@ -49,13 +50,12 @@ def cheap_check(cfg: DictConfig) -> tuple[bool, str]:
         return False, ("Lightning callbacks (callbacks=..., e.g. trainer=fast's compile/channels-last, "
                        "early_stopping) act on one model, not K")
     target = cfg.target
-    # the engine steps at a constant rate, tests the last weights and records no convergence:
-    # a cell asking for more must train alone rather than silently get less
-    if scheduler_of(cfg, "target") != "none":
-        return False, "a learning-rate schedule other than constant (the engine steps at one rate)"
-    select = getattr(target.get("select"), "value", target.get("select")) or "last"  # an enum in the schema
-    if str(select) != "last" or target.get("early_stopping"):
-        return False, "target.select=best_val / early stopping choose one checkpoint per model, not per seed"
+    # schedules and target.select=best_val are per seed (the schedule factory over the stacked
+    # groups, select.SeedSelection); early stopping would stop all K seeds at once
+    if target.get("early_stopping"):
+        return False, "early stopping (target.early_stopping) stops one model, not one seed of K"
+    if target.get("monitor") is not None and str(target.monitor) not in MONITORS:
+        return False, f"target.monitor={target.monitor} (a group selects on {' or '.join(MONITORS)})"
     try:
         strategy = instantiate(cfg.strategy)
     except Exception as e:  # noqa: BLE001 — a broken strategy config fails in its own cell, loudly
@@ -79,16 +79,20 @@ def run_group(cfgs: list[DictConfig], out_dirs: list[str | Path], choices: list[
     except NotVectorisable as e:
         log.info("seeds %s trained one at a time: %s", [int(c.seed) for c in cfgs], e)
         return None
-    group_dir = Path(group_dir)
+    # one directory per set of seeds: a checkpoint of K seeds never resumes a group of other seeds
+    # (a re-run after some cells finished another way trains the rest from their start)
+    group_dir = Path(group_dir) / ("seeds-" + "-".join(str(int(c.seed)) for c in cfgs))
     ckpt_dir = group_dir / "checkpoints"
     trainer = make_trainer(cfg, "target", group_dir, resume_callbacks(cfg, ckpt_dir))
     resume_from = last_checkpoint(ckpt_dir) if cfg.get("resume", True) else None
+    selection = selection_of(cfg, dms[0], ckpt_dir)  # the separate run's select, monitor and mode
     t0 = time.perf_counter()
     try:
         seeds = fit_seeds([c["model"] for c in cells], strategies, dms, optimizer,
-                          float(cfg.target.optimizer.lr), trainer, scheduler=scheduler_of(cfg, "target"),
+                          float(cfg.target.optimizer.lr), trainer, scheduler=schedule_factory(cfg, "target"),
                           source_dms=[c["source_dm"] for c in cells],
-                          ckpt_path=str(resume_from[0]) if resume_from else None)
+                          ckpt_path=str(resume_from[0]) if resume_from else None,
+                          select=selection.select, monitor=selection.monitor)
     except NotVectorisable as e:  # raised before the first step (e.g. loaders of unequal length)
         log.info("seeds %s trained one at a time: %s", [int(c.seed) for c in cfgs], e)
         return None
@@ -113,13 +117,11 @@ def _write_cell(cell: dict, res, out_dir: Path, cfg: DictConfig, trained: dict, 
         results["per_class"] = {"test/acc": res.per_class}
     results["strategy_report"] = cell["strategy"].report()
     results["target_training"] = dict(trained)
-    # the keys run.run writes: a group tests its last weights (cells asking for best_val train
-    # alone) and judges each seed's own curve by the same rule
-    steps = int(trained["steps"])
-    results["selection"] = {"select": "last", "monitor": "val/acc", "mode": "max", "step": steps,
-                            "value": res.metrics.get("val/acc")}
-    results["convergence"] = judge(res.history, steps, "val/acc", "max",
-                                   **OmegaConf.to_container(cfg.target.convergence))
+    # the keys run.run writes: what each seed tested (its last or its own best-validation
+    # weights) and its own curve judged by the same rule
+    results["selection"] = res.selection
+    results["convergence"] = judge(res.history, int(trained["steps"]), res.selection["monitor"],
+                                   res.selection["mode"], **OmegaConf.to_container(cfg.target.convergence))
     results["timings"] = {"source_s": cell["source_s"], **shares}
     results["status"] = "ok"
     results["weights"] = save_weights(res.model, out_dir, cfg.target.save_weights, results["source"].get("key"))

@@ -20,6 +20,7 @@ from torch import nn
 from torch.func import functional_call, vmap
 
 from transfer_lab.module import NonFiniteLossError
+from transfer_lab.schedulers import ScheduleFactory, configure_scheduler
 from transfer_lab.strategies.base import Strategy
 from transfer_lab.strategies.common import hold_frozen_in_eval
 from transfer_lab.vectorized.data import NotVectorisable
@@ -51,16 +52,19 @@ class VectorizedModule(L.LightningModule):
         lr: base learning rate; the strategy derives group rates from it.
         num_classes: classes of the target task.
         class_weights: per-seed class weights (``imbalance_remedy=reweight``) or None.
-        scheduler: ``cosine`` or ``none``, as ``TransferModule``.
+        scheduler: a schedule factory (``transfer_lab.schedulers``) or None, as ``TransferModule``:
+            group rates are multipliers, so one scheduler over the stacked groups is K schedules.
     """
 
     def __init__(self, models: list[nn.Module], strategies: list[Strategy],
                  optimizer: Callable[..., torch.optim.Optimizer], lr: float, num_classes: int,
-                 class_weights: list[torch.Tensor | None] | None = None, scheduler: str = "none") -> None:
+                 class_weights: list[torch.Tensor | None] | None = None,
+                 scheduler: ScheduleFactory | None = None) -> None:
         super().__init__()
-        self.save_hyperparameters(ignore=["models", "strategies", "optimizer", "class_weights"])
+        self.save_hyperparameters(ignore=["models", "strategies", "optimizer", "class_weights", "scheduler"])
         self.k = len(models)
         self.models, self.strategies, self.optimizer_factory = models, strategies, optimizer
+        self.scheduler_factory = scheduler
         self._template = [copy.deepcopy(models[0])]  # a list: not a submodule, its tensors are never used
         self.stacked = Stacked(models)
         self.seed_loss = seed_loss(strategies, models, self.template)
@@ -191,10 +195,9 @@ class VectorizedModule(L.LightningModule):
         if missing:
             raise NotVectorisable(f"trainable parameters outside the strategy's groups: {sorted(missing)[:3]}")
         opt = self.optimizer_factory(groups)
-        if self.hparams.scheduler == "cosine":
-            sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, self.trainer.max_epochs))
-            return {"optimizer": opt, "lr_scheduler": sched}
-        return opt
+        if self.scheduler_factory is None:
+            return opt
+        return configure_scheduler(self.scheduler_factory, opt, self.trainer)
 
     # --- evaluation: dataloader k is seed k -------------------------------------------------
     def _eval_step(self, batch: Any, k: int) -> None:
@@ -249,6 +252,14 @@ class VectorizedModule(L.LightningModule):
                 self.history[k].append((int(self.global_step), acc[k], None))
         if stage == "test":
             self._record("test/balanced_acc", torch.tensor(balanced))
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # a resumed group judges each seed's whole curve (as ConvergenceCheck's state does)
+        checkpoint["seed_history"] = [[list(h) for h in hist] for hist in self.history]
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if "seed_history" in checkpoint:
+            self.history = [[tuple(h) for h in hist] for hist in checkpoint["seed_history"]]
 
     def unstack(self) -> list[nn.Module]:
         """Write each seed's trained tensors back into its model; returns the K models."""

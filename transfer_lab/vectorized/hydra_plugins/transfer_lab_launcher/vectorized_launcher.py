@@ -12,6 +12,7 @@ Hydra's and the entry point's. A group that cannot be vectorised (strategy, devi
 # where dataclasses cannot resolve string annotations
 
 import copy
+import dataclasses
 import hashlib
 import logging
 from collections import defaultdict
@@ -32,6 +33,7 @@ class VectorizedLauncher(BasicLauncher):
     def __init__(self, min_group: int = 2) -> None:
         super().__init__()
         self.min_group = min_group
+        self._composed: dict = {}  # job overrides → the sweep config composed for them (launch only)
 
     def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
         from transfer_lab.sweep import record_cell
@@ -39,11 +41,18 @@ class VectorizedLauncher(BasicLauncher):
         setup_globals()
         configure_log(self.config.hydra.hydra_logging, self.config.hydra.verbose)
         Path(str(self.config.hydra.sweep.dir)).mkdir(parents=True, exist_ok=True)
-        trained = []
+        trained, self._composed = [], {}
         for members in group_jobs(job_overrides, initial_job_idx).values():
             if len(members) >= self.min_group:
                 trained += self._train_group(members)
-        returns = super().launch(job_overrides, initial_job_idx)
+        # the job loop reuses the configs composed above (composing is most of a skipped cell's time)
+        context = self.hydra_context
+        self.hydra_context = dataclasses.replace(context, config_loader=_Composed(context.config_loader,
+                                                                                 self._composed))
+        try:
+            returns = super().launch(job_overrides, initial_job_idx)
+        finally:
+            self.hydra_context, self._composed = context, {}
         for idx, out_dir in trained:  # the job loop found them done: this launch trained them
             record_cell(self.config.hydra.sweep.dir, idx, "ok", out_dir)
         return returns
@@ -51,6 +60,7 @@ class VectorizedLauncher(BasicLauncher):
     def cell(self, idx: int, overrides: list[str]) -> "tuple[DictConfig, str, dict]":
         """A job's task config, output directory and choices, as ``run_job`` would make them."""
         sweep_config = self.hydra_context.config_loader.load_sweep_config(self.config, overrides)
+        self._composed[tuple(overrides)] = copy.deepcopy(sweep_config)
         with open_dict(sweep_config):
             sweep_config.hydra.job.id = idx
             sweep_config.hydra.job.num = idx
@@ -97,6 +107,20 @@ class VectorizedLauncher(BasicLauncher):
                         type(e).__name__, e)
             return []
         return [(c[0], c[2]) for c in cells] if done is not None else []
+
+
+class _Composed:
+    """A config loader that hands out each already composed sweep config once (then composes)."""
+
+    def __init__(self, loader, composed: dict) -> None:
+        self._loader, self._composed = loader, composed
+
+    def load_sweep_config(self, master_config: DictConfig, sweep_overrides: list) -> DictConfig:
+        done = self._composed.pop(tuple(sweep_overrides), None)
+        return done if done is not None else self._loader.load_sweep_config(master_config, sweep_overrides)
+
+    def __getattr__(self, name: str):
+        return getattr(self._loader, name)
 
 
 def group_jobs(job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> dict:
