@@ -7,12 +7,11 @@ the real path (``TransferModule`` on a Trainer), one seed at a time.
 
 from __future__ import annotations
 
-import functools
-
 import pytest
 import torch
 from lightning.pytorch.loggers.logger import Logger
 
+import test_vectorized
 from test_vectorized import OPT, SEEDS, assert_same, cell, tiny_model, trainer, vectorised
 from transfer_lab.errors import ConfigError
 from transfer_lab.vectorized import VectorizedModule, engine, fit_seeds
@@ -43,6 +42,8 @@ def test_auto_loops_over_seeds_for_convolutions_on_a_cpu_and_vmaps_otherwise():
     assert resolve_mode("auto", tiny_model("cnn"), cuda) == "vmap"
     assert resolve_mode("vmap", tiny_model("cnn"), cpu) == "vmap"
     assert resolve_mode("loop", tiny_model("mlp"), cuda) == "loop"
+    assert resolve_mode("auto", tiny_model("mlp"), cuda, k=1) == "loop"  # one seed: nothing to batch
+    assert resolve_mode("vmap", tiny_model("mlp"), cuda, k=1) == "vmap"
     with pytest.raises(ConfigError, match="vectorize_mode='grouped'"):
         resolve_mode("grouped", tiny_model("cnn"), cpu)
 
@@ -83,6 +84,16 @@ def test_each_mode_equals_k_separate_runs(built, name, mode):
     made = built(mode)
     assert_same(name, vectorised(name))
     assert made[0]._run == mode
+
+
+@pytest.mark.slow
+def test_class_weighted_loss_under_vmap_equals_separate_runs(built, monkeypatch):
+    # vmap mode writes the weighted cross-entropy out (log_softmax, gather): held to F.cross_entropy
+    monkeypatch.setitem(test_vectorized.DATA, "imbalance_ratio", 3.0)
+    monkeypatch.setitem(test_vectorized.DATA, "imbalance_remedy", "reweight")
+    assert cell("finetune", 0)[2].class_weights is not None
+    built("vmap")
+    assert_same("finetune", vectorised("finetune"))
 
 
 class Recorder(Logger):

@@ -90,7 +90,7 @@ def seeds_throughput(model: str = "mlp", ks: tuple[int, ...] = (1, 4, 8, 16), ep
             vec.append(images / time_vectorised(model, dms, epochs, device, clock))
             sep.append(images / time_separate(model, dms, epochs, device, clock))
         v, s = sorted(vec)[len(vec) // 2], sorted(sep)[len(sep) // 2]
-        mode = resolve_mode("auto", MODELS[model](dms[0]), torch.device(device))
+        mode = resolve_mode("auto", MODELS[model](dms[0]), torch.device(device), k)
         out[k] = {"vectorised_ips": round(v, 1), "separate_ips": round(s, 1), "speedup": round(v / s, 3),
                   "mode": mode}
     return out

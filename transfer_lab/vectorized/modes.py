@@ -11,7 +11,7 @@ the seeds moved into the channels (a copy of the activations each way), and ``ma
 ``batch_norm`` through reshapes and copies; for ``convnet`` at batch 64 that measured ~1.9× the
 time of K ordinary calls (``experiments/benchmarks/README.md``). ``auto`` picks ``vmap`` on CUDA
 (fewer, larger kernel launches are the point there) and for models without convolutions, the
-per-seed ``loop`` for convolutional models on any other device.
+per-seed ``loop`` for convolutional models on any other device, and the ``loop`` for K = 1.
 """
 
 from __future__ import annotations
@@ -35,10 +35,13 @@ def has_convolutions(model: nn.Module) -> bool:
     return any(isinstance(m, _CONV) for m in model.modules())
 
 
-def resolve_mode(mode: str, model: nn.Module, device: torch.device) -> str:
-    """``vmap`` or ``loop`` for ``mode`` (``auto``: see the module docstring) on ``device``."""
+def resolve_mode(mode: str, model: nn.Module, device: torch.device, k: int = 2) -> str:
+    """``vmap`` or ``loop`` for ``mode`` (``auto``: see the module docstring) on ``device``, for
+    ``k`` seeds (one seed is a loop of one: ``vmap`` would only add its own cost)."""
     if check_mode(mode) != "auto":
         return mode
+    if k == 1:
+        return "loop"
     if device.type == "cuda" or not has_convolutions(model):
         return "vmap"
     return "loop"
