@@ -129,8 +129,7 @@ class TransferModule(L.LightningModule):
         n = len(step.target)
         with torch.no_grad():  # one stacked add a step (a float32 sum per term, as before)
             row = torch.stack([loss, *step.terms.values()]).float() * n
-            self._sums = row if self._sums is None else self._sums + row
-        self._names = ["loss", *step.terms]
+            self._sums, self._names = add_row(self._sums, self._names, row, ["loss", *step.terms])
         self._loss_count += n
         return loss
 
@@ -222,6 +221,21 @@ class TransferModule(L.LightningModule):
         if self.scheduler_factory is None:  # no trainer needed (unit tests call this directly)
             return opt
         return configure_scheduler(self.scheduler_factory, opt, self.trainer)
+
+
+def add_row(sums: torch.Tensor | None, names: list[str], row: torch.Tensor,
+            row_names: list[str]) -> tuple[torch.Tensor, list[str]]:
+    """Epoch sums per named term (rows of ``sums``) plus this step's ``row``: one add when the
+    step has the same terms as the sums; otherwise merged by name (a term that appears mid-epoch
+    starts its own sum)."""
+    if sums is None:
+        return row, row_names
+    if row_names == names:
+        return sums + row, names
+    merged = dict(zip(names, sums.unbind(0)))
+    for name, value in zip(row_names, row.unbind(0)):
+        merged[name] = merged[name] + value if name in merged else value.to(sums.dtype)
+    return torch.stack(list(merged.values())), list(merged)
 
 
 def _in_groups(p: torch.Tensor, groups: list[dict]) -> bool:

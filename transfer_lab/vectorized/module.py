@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, vmap
 
-from transfer_lab.module import NonFiniteLossError
+from transfer_lab.module import NonFiniteLossError, add_row
 from transfer_lab.strategies.base import Strategy
 from transfer_lab.strategies.common import hold_frozen_in_eval
 from transfer_lab.vectorized.data import NotVectorisable
@@ -74,8 +74,8 @@ class VectorizedModule(L.LightningModule):
                                randomness="different")
         self.mode = check_mode(mode)  # "vmap" or "loop" once the device is known (modes.py)
         self._run: str | None = None
-        self._train_sums: torch.Tensor | None = None  # (loss, terms…, correct) × K, on the device
-        self._train_count = 0
+        self._train_sums: torch.Tensor | None = None  # (correct, loss, terms…) × K, on the device
+        self._train_count, self._term_names = 0, []
         self.seed_metrics: list[dict[str, float]] = [{} for _ in range(self.k)]
         self.test_per_class: list[list[float] | None] = [None] * self.k
         # per seed, (step, val/acc, train loss) at every validation, for the convergence check; the
@@ -152,10 +152,10 @@ class VectorizedModule(L.LightningModule):
         n = target.shape[1]
         with torch.no_grad():  # per-seed epoch sums on the device, one add a step: no host sync
             correct = (outputs.argmax(-1) == target).sum(1)
-            row = torch.stack([losses * n, *(v * n for v in terms.values()), correct.to(losses.dtype)])
-            self._train_sums = row.double() if self._train_sums is None else self._train_sums + row
+            row = torch.stack([correct.to(losses.dtype), losses * n, *(v * n for v in terms.values())])
+            self._train_sums, self._term_names = add_row(self._train_sums, self._term_names,
+                                                         row.double(), ["correct", "loss", *(f"term:{t}" for t in terms)])
             self._train_count += n
-            self._term_names = list(terms)
         return losses.sum()
 
     def _add(self, name: str, value: torch.Tensor) -> None:
@@ -168,7 +168,7 @@ class VectorizedModule(L.LightningModule):
         # does not restore its modes: they are kept here and restored per batch.
         self.train()
         self._modes = {n: m.training for n, m in self.template.named_modules()}
-        self._sums, self._train_sums, self._train_count = {}, None, 0
+        self._sums, self._train_sums, self._train_count, self._term_names = {}, None, 0, []
         loader = self.trainer.train_dataloader
         if hasattr(loader, "set_epoch"):
             loader.set_epoch(self.current_epoch)
@@ -176,15 +176,15 @@ class VectorizedModule(L.LightningModule):
     def on_train_epoch_end(self) -> None:
         if self._train_sums is None:
             return
-        rows = self._train_sums.cpu()  # the epoch's one host sync
+        rows = dict(zip(self._term_names, self._train_sums.cpu()))  # the epoch's one host sync
         count = float(self._train_count)
-        bad = [k for k in range(self.k) if not math.isfinite(float(rows[0, k]))]
+        bad = [k for k in range(self.k) if not math.isfinite(float(rows["loss"][k]))]
         if bad:
             raise NonFiniteLossError(f"non-finite training loss for seed(s) #{bad} of the vectorised "
                                      f"group in epoch {self.current_epoch}: train them one at a time")
-        loss = rows[0] / count
-        means = {"train/acc": rows[-1] / count, "train/loss": loss,
-                 **{f"train/{name}": rows[1 + i] / count for i, name in enumerate(self._term_names)}}
+        loss = rows["loss"] / count
+        means = {"train/acc": rows.pop("correct") / count, "train/loss": loss,
+                 **{f"train/{name[5:]}": v / count for name, v in rows.items() if name != "loss"}}
         for k, hist in enumerate(self.history):
             self.history[k] = [(st, v, float(loss[k]) if ls is None else ls) for st, v, ls in hist]
         self._publish(means)
