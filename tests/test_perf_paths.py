@@ -164,3 +164,13 @@ def test_fast_trainer_preset_wires_the_perf_callbacks(tmp_path):
     trainer = make_trainer(cfg, "target", tmp_path, [])
     kinds = {type(c) for c in trainer.callbacks}
     assert {ChannelsLast, Compile} <= kinds and cfg.trainer.precision == "bf16-mixed"
+
+
+def test_epoch_sums_merge_a_term_that_appears_mid_epoch():
+    from transfer_lab.module import add_row
+
+    sums, names = add_row(None, [], torch.tensor([1.0, 2.0]), ["loss", "task"])
+    sums, names = add_row(sums, names, torch.tensor([1.0, 2.0]), ["loss", "task"])
+    sums, names = add_row(sums, names, torch.tensor([5.0, 3.0, 7.0]), ["loss", "new", "task"])
+    assert names == ["loss", "task", "new"]
+    assert sums.tolist() == [7.0, 11.0, 3.0]

@@ -79,6 +79,7 @@ class RunConfig:
     resume: bool = True
     transferability: bool = True
     optimized_metric: Optional[str] = None
+    vectorize_mode: str = "auto"  # auto | vmap | loop: how a group runs its K seeds (vectorized/modes.py)
     vectorize_seeds: bool = True  # hydra/launcher=vectorized groups a sweep's seeds (transfer_lab/vectorized/)
     source: SourceStage = field(default_factory=SourceStage)
     target: TargetStage = field(default_factory=TargetStage)

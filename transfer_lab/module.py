@@ -64,7 +64,8 @@ class TransferModule(L.LightningModule):
             # validate_args=False: the checks run torch.unique on the targets and compare in
             # Python, a host sync on every update (every training step)
             kw = {"num_classes": num_classes, "validate_args": False}
-            self.train_acc = torchmetrics.Accuracy(task="multiclass", **kw)
+            # training accuracy: correct predictions summed on the device in ``training_step``
+            # (a torchmetrics update every step cost more than the rest of our step's bookkeeping)
             self.val_acc = torchmetrics.Accuracy(task="multiclass", **kw)
             self.test_acc = torchmetrics.Accuracy(task="multiclass", **kw)
             # per-class recall and its mean (balanced accuracy) from one DDP-synced confusion matrix
@@ -72,8 +73,11 @@ class TransferModule(L.LightningModule):
         self.test_per_class: list[float] | None = None
         # registered once: on the training device, in the optimizer, in checkpoints
         self.strategy_modules = strategy.modules()
-        self._sums: dict[str, torch.Tensor] = {}  # per-term epoch sums, kept on the device
-        self._loss_count = 0
+        # epoch sums kept on the device: (loss, term…) × batch size, and correct predictions
+        self._sums: torch.Tensor | None = None
+        self._correct: torch.Tensor | None = None
+        self._names: list[str] = []
+        self._loss_count = self._seen = 0
 
     def task_loss(self, outputs: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """The supervised loss of the task: (class-weighted) cross-entropy, or MSE for regression
@@ -91,8 +95,11 @@ class TransferModule(L.LightningModule):
     def update_train_metric(self, outputs: torch.Tensor, y: torch.Tensor) -> None:
         if self.task == "regression":
             self.train_mse.update(self.predict_value(outputs.detach()), y)
-        else:
-            self.train_acc.update(outputs.detach(), y)
+            return
+        # micro accuracy, as torchmetrics' multiclass Accuracy: argmax over the class dimension
+        correct = (outputs.detach().argmax(1) == y).sum()
+        self._correct = correct if self._correct is None else self._correct + correct
+        self._seen += y.numel()
 
     @property
     def backbone(self) -> nn.Module:  # what BaseFinetuning-style callbacks look for
@@ -120,9 +127,9 @@ class TransferModule(L.LightningModule):
         # Epoch means are summed on the device and logged once per epoch: no host sync per
         # step, and none of ``self.log``'s per-call bookkeeping (~1% of a small CNN's step).
         n = len(step.target)
-        for name, value in (("loss", loss), *step.terms.items()):
-            term = value.detach().float() * n
-            self._sums[name] = self._sums[name] + term if name in self._sums else term
+        with torch.no_grad():  # one stacked add a step (a float32 sum per term, as before)
+            row = torch.stack([loss, *step.terms.values()]).float() * n
+            self._sums, self._names = add_row(self._sums, self._names, row, ["loss", *step.terms])
         self._loss_count += n
         return loss
 
@@ -132,7 +139,8 @@ class TransferModule(L.LightningModule):
         # This hook runs after the callbacks' (a block a schedule just unfroze trains in training
         # mode); validation loops capture and restore these modes, so they hold all epoch.
         self.train()
-        self._sums, self._loss_count = {}, 0
+        self._sums = self._correct = None
+        self._loss_count = self._seen = 0
         # Lightning sets the epoch only on a loader's ``.sampler``; our in-memory loaders shuffle
         # by their own epoch counter, which a resumed run would restart at 0 (replaying epoch 0's
         # order). Setting it from the trainer makes a resumed run see the uninterrupted order.
@@ -141,12 +149,16 @@ class TransferModule(L.LightningModule):
             loader.set_epoch(self.current_epoch)
 
     def on_train_epoch_end(self) -> None:
-        metric = self.train_mse if self.task == "regression" else self.train_acc
-        self.log("train/mse" if self.task == "regression" else "train/acc", metric.compute())
-        metric.reset()
+        if self.task == "regression":
+            self.log("train/mse", self.train_mse.compute())
+            self.train_mse.reset()
+        elif self._correct is not None:  # summed over the processes (DDP), as a synced metric is
+            counts = torch.stack([self._correct.double(), self._correct.new_tensor(self._seen).double()])
+            correct, seen = self.trainer.strategy.reduce(counts, reduce_op="sum").float()
+            self.log("train/acc", correct / seen)
         if not self._loss_count:
             return
-        means = {k: v / self._loss_count for k, v in self._sums.items()}
+        means = {k: v / self._loss_count for k, v in zip(self._names, self._sums.unbind(0))}
         for name, value in means.items():  # train/loss and train/<term> for each term
             self.log(f"train/{name}", value)
         loss = means["loss"]
@@ -209,6 +221,21 @@ class TransferModule(L.LightningModule):
         if self.scheduler_factory is None:  # no trainer needed (unit tests call this directly)
             return opt
         return configure_scheduler(self.scheduler_factory, opt, self.trainer)
+
+
+def add_row(sums: torch.Tensor | None, names: list[str], row: torch.Tensor,
+            row_names: list[str]) -> tuple[torch.Tensor, list[str]]:
+    """Epoch sums per named term (rows of ``sums``) plus this step's ``row``: one add when the
+    step has the same terms as the sums; otherwise merged by name (a term that appears mid-epoch
+    starts its own sum)."""
+    if sums is None:
+        return row, row_names
+    if row_names == names:
+        return sums + row, names
+    merged = dict(zip(names, sums.unbind(0)))
+    for name, value in zip(row_names, row.unbind(0)):
+        merged[name] = merged[name] + value if name in merged else value.to(sums.dtype)
+    return torch.stack(list(merged.values())), list(merged)
 
 
 def _in_groups(p: torch.Tensor, groups: list[dict]) -> bool:

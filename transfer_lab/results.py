@@ -14,7 +14,7 @@ from transfer_lab.package import store_key
 # keys that change how a run is executed, logged or stored, not its result: resuming and the
 # report's grouping ignore them
 NON_RESULT_KEYS = ("resume", "logger", "store_dir", "data_dir", "transferability", "optimized_metric",
-                  "vectorize_seeds")
+                  "vectorize_seeds", "vectorize_mode")
 
 
 def config_hash(cfg: DictConfig | dict) -> str:

@@ -19,6 +19,7 @@ from transfer_lab.models.backbones import convnet, mlp
 from transfer_lab.module import TransferModule
 from transfer_lab.strategies.scratch import Scratch
 from transfer_lab.vectorized.engine import fit_seeds
+from transfer_lab.vectorized.modes import resolve_mode
 
 #: the issue's two models: an overhead-bound MLP 784-16-10 and the bench's convnet
 MODELS: dict[str, Callable] = {
@@ -75,10 +76,11 @@ def seeds_throughput(model: str = "mlp", ks: tuple[int, ...] = (1, 4, 8, 16), ep
                      device: str = "cpu", repeats: int = 3,
                      data: Callable[[int], TransferDataModule] = synthetic_mnist,
                      clock: Callable[[], float] = time.perf_counter) -> dict:
-    """``{K: {"vectorised_ips", "separate_ips", "speedup"}}`` (medians over ``repeats``, taken
+    """``{K: {"vectorised_ips", "separate_ips", "speedup", "mode"}}`` (medians over ``repeats``, taken
     alternately so a shared machine's load hits both sides alike). ``data(seed)`` gives seed k's
     prepared data module (default: MNIST-shaped synthetic images, batch 64); ``clock``: wall
-    (``time.perf_counter``) or this process's CPU time (``time.process_time``)."""
+    (``time.perf_counter``) or this process's CPU time (``time.process_time``). ``mode``: how the
+    vectorised side ran its seeds (``vectorize_mode=auto`` on this device: ``vmap`` or ``loop``)."""
     out = {}
     for k in ks:
         dms = [data(seed) for seed in range(k)]
@@ -88,5 +90,7 @@ def seeds_throughput(model: str = "mlp", ks: tuple[int, ...] = (1, 4, 8, 16), ep
             vec.append(images / time_vectorised(model, dms, epochs, device, clock))
             sep.append(images / time_separate(model, dms, epochs, device, clock))
         v, s = sorted(vec)[len(vec) // 2], sorted(sep)[len(sep) // 2]
-        out[k] = {"vectorised_ips": round(v, 1), "separate_ips": round(s, 1), "speedup": round(v / s, 3)}
+        mode = resolve_mode("auto", MODELS[model](dms[0]), torch.device(device), k)
+        out[k] = {"vectorised_ips": round(v, 1), "separate_ips": round(s, 1), "speedup": round(v / s, 3),
+                  "mode": mode}
     return out

@@ -52,7 +52,7 @@ def fit_seeds(models: list[nn.Module], strategies: list[Strategy], dms: list[Tra
               scheduler: ScheduleFactory | None = None, test: bool = True,
               source_dms: list[TransferDataModule | None] | None = None,
               ckpt_path: str | None = None, select: str = "last",
-              monitor: str = "val/acc") -> list[SeedResult]:
+              monitor: str = "val/acc", mode: str = "auto") -> list[SeedResult]:
     """Fit (and test) K seeds as one ``VectorizedModule`` on ``trainer``; returns per-seed results.
 
     ``models[k]`` is ``strategies[k].build(source_k, target_k)`` of seed k, ``dms[k]`` its target
@@ -70,7 +70,8 @@ def fit_seeds(models: list[nn.Module], strategies: list[Strategy], dms: list[Tra
             s.cache_info = {"used": False, "reason": "vectorised seeds: the teacher runs per step"}
     data = StackedDataModule(dms)
     module = VectorizedModule(models, strategies, optimizer, lr, dms[0].num_classes,
-                              class_weights=[dm.class_weights for dm in dms], scheduler=scheduler)
+                              class_weights=[dm.class_weights for dm in dms], scheduler=scheduler,
+                              mode=mode)
     selection = SeedSelection(len(models), select, monitor)
     trainer.callbacks.extend([selection, SeedCurves(monitor)])  # restored from ckpt_path with the module
     trainer.fit(module, datamodule=data, ckpt_path=ckpt_path)

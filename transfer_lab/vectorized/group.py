@@ -92,7 +92,8 @@ def run_group(cfgs: list[DictConfig], out_dirs: list[str | Path], choices: list[
                           float(cfg.target.optimizer.lr), trainer, scheduler=schedule_factory(cfg, "target"),
                           source_dms=[c["source_dm"] for c in cells],
                           ckpt_path=str(resume_from[0]) if resume_from else None,
-                          select=selection.select, monitor=selection.monitor)
+                          select=selection.select, monitor=selection.monitor,
+                          mode=str(cfg.get("vectorize_mode") or "auto"))
     except NotVectorisable as e:  # raised before the first step (e.g. loaders of unequal length)
         log.info("seeds %s trained one at a time: %s", [int(c.seed) for c in cfgs], e)
         return None

@@ -19,11 +19,13 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, vmap
 
-from transfer_lab.module import NonFiniteLossError
+from transfer_lab.module import NonFiniteLossError, add_row
 from transfer_lab.schedulers import ScheduleFactory, configure_scheduler
 from transfer_lab.strategies.base import Strategy
 from transfer_lab.strategies.common import hold_frozen_in_eval
 from transfer_lab.vectorized.data import NotVectorisable
+from transfer_lab.vectorized.modes import (check_mode, loop_seeds, resolve_mode, unbind_all,
+                                           vmap_cross_entropy)
 from transfer_lab.vectorized.stack import Stacked, _mangle
 from transfer_lab.vectorized.terms import seed_loss
 
@@ -45,21 +47,19 @@ class VectorizedModule(L.LightningModule):
     """K built models of one architecture (``strategies[k].build(source_k, target_k)``), trained as one.
 
     Args:
-        models: the K built target models; trained weights are written back into them by
-            ``unstack()``.
+        models: the K built target models; ``unstack()`` writes the trained weights back.
         strategies: the K strategy instances that built them (their state: references, teachers).
         optimizer: a partial optimizer taking param groups (element-wise: see ``vectorizable``).
         lr: base learning rate; the strategy derives group rates from it.
         num_classes: classes of the target task.
         class_weights: per-seed class weights (``imbalance_remedy=reweight``) or None.
-        scheduler: a schedule factory (``transfer_lab.schedulers``) or None, as ``TransferModule``:
-            group rates are multipliers, so one scheduler over the stacked groups is K schedules.
+        scheduler: a schedule factory or None, as ``TransferModule``; mode: auto | vmap | loop (modes.py).
     """
 
     def __init__(self, models: list[nn.Module], strategies: list[Strategy],
                  optimizer: Callable[..., torch.optim.Optimizer], lr: float, num_classes: int,
                  class_weights: list[torch.Tensor | None] | None = None,
-                 scheduler: ScheduleFactory | None = None) -> None:
+                 scheduler: ScheduleFactory | None = None, mode: str = "auto") -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["models", "strategies", "optimizer", "class_weights", "scheduler"])
         self.k = len(models)
@@ -74,10 +74,13 @@ class VectorizedModule(L.LightningModule):
         # dropout/augmentation-like draws: each seed its own (not the separate run's exact draws)
         self._seed_step = vmap(self._one_seed, in_dims=(0, 0, None if cws[0] is None else 0, 0),
                                randomness="different")
+        self.mode = check_mode(mode)  # "vmap" or "loop" once the device is known (modes.py)
+        self._run: str | None = None
+        self._train_sums: torch.Tensor | None = None  # (correct, loss, terms…) × K, on the device
+        self._train_count, self._term_names = 0, []
         self.seed_metrics: list[dict[str, float]] = [{} for _ in range(self.k)]
         self.test_per_class: list[list[float] | None] = [None] * self.k
-        # per seed, (step, val/acc, train loss) at every validation, for the convergence check; the
-        # loss is the epoch's mean (filled in at the epoch's end, which follows its validation)
+        # per seed, (step, val/acc, train loss) at every validation: the convergence check's input
         self.history: list[list[tuple[int, float, float | None]]] = [[] for _ in range(self.k)]
         self._sums: dict[str, torch.Tensor] = {}
 
@@ -98,7 +101,9 @@ class VectorizedModule(L.LightningModule):
     # --- training ---------------------------------------------------------------------------
     def _one_seed(self, params, aux, class_weights, batch):
         def task_loss(outputs: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-            return F.cross_entropy(outputs, y, weight=class_weights)
+            if self._run == "loop":
+                return F.cross_entropy(outputs, y, weight=class_weights)
+            return vmap_cross_entropy(outputs, y, class_weights)
 
         step = self.seed_loss.loss(params, aux, batch, task_loss)
         # summed as TransferModule sums them (same order, same start), so the slice is exact
@@ -106,8 +111,22 @@ class VectorizedModule(L.LightningModule):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """K×B×… inputs → K×B×classes logits (seed k's model on slice k)."""
+        if self._mode() == "loop":
+            return torch.stack([functional_call(self.template, p, (xk,))
+                                for p, xk in zip(unbind_all(self.stacked.tensors(), self.k), x.unbind(0))])
         return vmap(lambda p, xk: functional_call(self.template, p, (xk,)),
                     randomness="different")(self.stacked.tensors(), x)
+
+    def _mode(self) -> str:
+        """``vmap`` or ``loop`` on this module's device (``mode``; ``auto``: see ``modes.py``)."""
+        if self._run is None:
+            self._run = resolve_mode(self.mode, self.template, self.device, self.k)
+            self.seed_loss.per_seed = self._run == "loop"
+        return self._run
+
+    def _loop_seeds(self, params, aux, class_weights, batch):
+        """``_seed_step``'s result, computed seed by seed on views of the stacked tensors."""
+        return loop_seeds(self._one_seed, self.k, params, aux, class_weights, batch)
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         if not self.template.training:
@@ -118,48 +137,62 @@ class VectorizedModule(L.LightningModule):
         x, y = batch
         aux = self.aux.tensors()
         batch = (x, y, *self.seed_loss.extra(x, aux))
-        losses, outputs, target, terms = self._seed_step(self.stacked.tensors(), aux,
-                                                         self.class_weights, batch)
+        step = self._loop_seeds if self._mode() == "loop" else self._seed_step
+        losses, outputs, target, terms = step(self.stacked.tensors(), aux, self.class_weights, batch)
         n = target.shape[1]
-        with torch.no_grad():  # per-seed epoch sums on the device: no host sync per step
-            self._add("loss", losses * n)
-            for name, value in terms.items():  # train/<term>, as TransferModule logs each
-                self._add(f"term:{name}", value * n)
-            self._add("correct", (outputs.argmax(-1) == target).sum(1))
-            self._add("count", torch.full_like(losses, n))
+        with torch.no_grad():  # per-seed epoch sums on the device, one add a step: no host sync
+            correct = (outputs.argmax(-1) == target).sum(1)
+            row = torch.stack([correct.to(losses.dtype), losses * n, *(v * n for v in terms.values())])
+            self._train_sums, self._term_names = add_row(self._train_sums, self._term_names,
+                                                         row.double(), ["correct", "loss", *(f"term:{t}" for t in terms)])
+            self._train_count += n
         return losses.sum()
+
+    def train_loss_sum(self) -> torch.Tensor | None:
+        """Per seed, Σ step loss × batch size so far this epoch, on the device (``SeedCurves``)."""
+        return None if self._train_sums is None else self._train_sums[self._term_names.index("loss")]
 
     def _add(self, name: str, value: torch.Tensor) -> None:
         acc = self._sums.get(name)
         self._sums[name] = value.detach().double() if acc is None else acc + value.detach()
 
     def on_train_epoch_start(self) -> None:
-        # as TransferModule: Lightning 2.6 never calls ``train()`` in fit, so each epoch sets the
-        # frozen parts' modes itself. The template is not a registered submodule, so validation
-        # does not restore its modes: they are kept here and restored per batch.
+        # Lightning 2.6 never calls ``train()`` in fit (as TransferModule); the template is not a
+        # submodule, so validation does not restore its modes: kept here, restored per batch
         self.train()
         self._modes = {n: m.training for n, m in self.template.named_modules()}
-        self._sums = {}
+        self._sums, self._train_sums, self._train_count, self._term_names = {}, None, 0, []
         loader = self.trainer.train_dataloader
         if hasattr(loader, "set_epoch"):
             loader.set_epoch(self.current_epoch)
 
     def on_train_epoch_end(self) -> None:
-        if not self._sums:
+        if self._train_sums is None:
             return
-        s = {n: v.cpu() for n, v in self._sums.items()}  # the epoch's one host sync
-        count = s["count"].clamp_min(1)
-        bad = [k for k in range(self.k) if not math.isfinite(float(s["loss"][k]))]
+        rows = dict(zip(self._term_names, self._train_sums.cpu()))  # the epoch's one host sync
+        count = float(self._train_count)
+        bad = [k for k in range(self.k) if not math.isfinite(float(rows["loss"][k]))]
         if bad:
             raise NonFiniteLossError(f"non-finite training loss for seed(s) #{bad} of the vectorised "
                                      f"group in epoch {self.current_epoch}: train them one at a time")
-        self._record("train/acc", s["correct"] / count)
-        self._record("train/loss", s["loss"] / count)
+        loss = rows["loss"] / count
+        means = {"train/acc": rows.pop("correct") / count, "train/loss": loss,
+                 **{f"train/{name[5:]}": v / count for name, v in rows.items() if name != "loss"}}
         for k, hist in enumerate(self.history):
-            self.history[k] = [(st, v, float(s["loss"][k] / count[k]) if ls is None else ls)
-                               for st, v, ls in hist]
-        for name in [n for n in s if n.startswith("term:")]:
-            self._record(f"train/{name[len('term:'):]}", s[name] / count)
+            self.history[k] = [(st, v, float(loss[k]) if ls is None else ls) for st, v, ls in hist]
+        self._publish(means)
+
+    def _publish(self, means: dict[str, torch.Tensor]) -> None:
+        """Per-seed epoch figures into ``seed_metrics`` and, as ``seed<k>/<key>``, to the loggers
+        in one ``log_metrics`` call: ``self.log`` costs ~2 ms a key on this CPU (Lightning's
+        ``_ResultMetric.to`` walk), K seeds × keys of them a large share of a small model's epoch."""
+        flat = {}
+        for key, values in means.items():
+            for k, v in enumerate(values.tolist()):
+                self.seed_metrics[k][key] = v
+                flat[f"seed{k}/{key}"] = v
+        for logger in self.loggers:
+            logger.log_metrics({**flat, "epoch": self.current_epoch}, step=self.global_step)
 
     def _record(self, key: str, values: torch.Tensor) -> None:
         for k in range(self.k):

@@ -103,7 +103,7 @@ class SeedCurves(Callback):
     validation (as ``ConvergenceCheck`` records them: the plain mean of the step losses) go into
     ``pl_module.history``.
 
-    Reads the module's per-epoch device sums (``_sums["loss"]``: Σ step loss × batch size), cut
+    Reads the module's per-epoch device sums (``train_loss_sum()``: Σ step loss × batch size), cut
     into runs of steps of one batch size (a short last batch starts a new run), so the mean is
     unweighted by batch size, with no per-step tensor work and one host sync per validation."""
 
@@ -117,7 +117,7 @@ class SeedCurves(Callback):
 
     @staticmethod
     def _sum(pl_module: L.LightningModule) -> torch.Tensor | float:
-        value = getattr(pl_module, "_sums", {}).get("loss")
+        value = pl_module.train_loss_sum()
         return 0.0 if value is None else value.detach().clone()
 
     def _close(self, now: torch.Tensor | float) -> None:

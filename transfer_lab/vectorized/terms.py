@@ -26,6 +26,7 @@ from transfer_lab.strategies.lora import LoRA
 from transfer_lab.strategies.partial import Partial
 from transfer_lab.strategies.scratch import Scratch
 from transfer_lab.strategies.weight_transfer import WeightTransfer
+from transfer_lab.vectorized.modes import unbind_all
 
 # optimizers whose update of a tensor element reads only that element's gradient and state:
 # K stacked models under one of them are K independent trainings
@@ -61,6 +62,9 @@ class SeedLoss:
     ``extra`` for per-seed batch items computed outside ``vmap``, ``loss`` for a strategy whose
     own ``loss`` cannot run under ``vmap``.
     """
+
+    #: the module runs the seeds one after the other (``vectorize_mode=loop``): ``extra`` does too
+    per_seed = False
 
     def __init__(self, strategies: list[Strategy], models: list[nn.Module], template: nn.Module) -> None:
         self.strategies, self.strategy, self.template = strategies, strategies[0], template
@@ -130,6 +134,9 @@ class DistillLoss(SeedLoss):
             return ()
         inputs = torch.stack([s.teacher_input(x[k]) for k, s in enumerate(self.strategies)])
         state = {n: aux[f"teacher:{n}"] for n in self.stacked}
+        if self.per_seed:
+            return (torch.stack([functional_call(self.teacher, p, (xk,))
+                                 for p, xk in zip(unbind_all(state, len(inputs)), inputs.unbind(0))]),)
         return (vmap(lambda p, xk: functional_call(self.teacher, p, (xk,)))(state, inputs),)
 
 
