@@ -46,7 +46,9 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=2, help="runs per arm (alternating)")
     p.add_argument("overrides", nargs="*", default=[])
     args = p.parse_args()
-    base = ["experiment=distillation", "source.epochs=1", "target.epochs=3", "transferability=false",
+    # whole epochs: the preset's step budgets and best-val selection are switched off
+    base = ["experiment=distillation", "source.steps=null", "target.steps=null", "target.val_check_interval=null",
+            "target.select=last", "source.epochs=1", "target.epochs=3", "transferability=false",
             "resume=false", "target.save_weights=none", "logger=none",
             "trainer.enable_progress_bar=false", *args.overrides]
     timers: dict[str, list[EpochTimer]] = {"true": [], "false": []}
