@@ -128,3 +128,11 @@ def test_each_seed_s_training_figures_reach_the_loggers_once_an_epoch():
         for key in ("train/loss", "train/acc", "train/task", "train/l2sp"):
             assert last[f"seed{k}/{key}"] == pytest.approx(res.metrics[key])
     assert last["seed0/train/loss"] != last["seed1/train/loss"]
+
+
+def test_a_bad_vectorize_mode_is_refused_before_anything_runs():
+    from conftest import compose_cfg
+
+    assert compose_cfg("vectorize_mode=loop").vectorize_mode.value == "loop"
+    with pytest.raises(Exception, match="vectorize_mode"):
+        compose_cfg("vectorize_mode=bogus")

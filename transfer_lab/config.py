@@ -39,6 +39,14 @@ class Stage:
     optimizer: Any = None
 
 
+class VectorizeMode(str, Enum):
+    """How a group of seeds runs (``transfer_lab.vectorized.modes``)."""
+
+    auto = "auto"
+    vmap = "vmap"
+    loop = "loop"
+
+
 class Select(str, Enum):
     """Which target weights are tested: the last ones, or the best-validation checkpoint."""
 
@@ -79,7 +87,7 @@ class RunConfig:
     resume: bool = True
     transferability: bool = True
     optimized_metric: Optional[str] = None
-    vectorize_mode: str = "auto"  # auto | vmap | loop: how a group runs its K seeds (vectorized/modes.py)
+    vectorize_mode: VectorizeMode = VectorizeMode.auto  # auto | vmap | loop: how a group runs its K seeds (vectorized/modes.py)
     vectorize_seeds: bool = True  # hydra/launcher=vectorized groups a sweep's seeds (transfer_lab/vectorized/)
     source: SourceStage = field(default_factory=SourceStage)
     target: TargetStage = field(default_factory=TargetStage)

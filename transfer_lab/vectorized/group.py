@@ -93,7 +93,7 @@ def run_group(cfgs: list[DictConfig], out_dirs: list[str | Path], choices: list[
                           source_dms=[c["source_dm"] for c in cells],
                           ckpt_path=str(resume_from[0]) if resume_from else None,
                           select=selection.select, monitor=selection.monitor,
-                          mode=str(cfg.get("vectorize_mode") or "auto"))
+                          mode=getattr(cfg.get("vectorize_mode"), "value", cfg.get("vectorize_mode")) or "auto")
     except NotVectorisable as e:  # raised before the first step (e.g. loaders of unequal length)
         log.info("seeds %s trained one at a time: %s", [int(c.seed) for c in cfgs], e)
         return None
