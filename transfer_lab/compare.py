@@ -28,12 +28,12 @@ from typing import Any
 import yaml
 from omegaconf import OmegaConf
 
+from transfer_lab.analysis.collect import BUDGET  # target.data.samples_per_class
 from transfer_lab.errors import ConfigError
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 KEYS = ("experiment", "strategies", "trials", "tuning_seed", "eval_seeds", "dir", "n_jobs",
         "val_per_class", "report", "eval_budgets")
-BUDGET = "target.data.samples_per_class"
 Runner = Callable[[list[str]], int]  # runs a command, returns its exit code
 
 
