@@ -231,3 +231,53 @@ def test_the_report_on_dir_eval_finds_comparison_json_in_dir(tmp_path):
     (tmp_path / "comparison.json").write_text(json.dumps(data))
     assert read_comparison(tmp_path / "eval") == data == read_comparison(tmp_path)
     assert read_comparison(tmp_path / "eval" / "scratch") is None  # only one level up
+
+
+def test_eval_budgets_retrain_the_tuned_configuration_at_every_budget(tmp_path):
+    # tuned once at the run's budget (the tuning command keeps it), evaluated at each listed budget
+    code, runner = _run(tmp_path, "eval_budgets=[5,50]", "target.data.samples_per_class=10", "report=false")
+    assert code == 0
+    tune_a, _, eval_a, eval_b = runner.calls
+    assert "target.data.samples_per_class=10" in tune_a
+    for cmd in (eval_a, eval_b):
+        budgets = [a for a in cmd if a.startswith("target.data.samples_per_class=")]
+        assert budgets == ["target.data.samples_per_class=5,50"]  # the sweep's, not the tuned one
+        assert "seed=1,2" in cmd and "hydra.sweep.subdir=spc${target.data.samples_per_class}_seed_${seed}" in cmd
+    assert "target.optimizer.lr=0.0031" in eval_a and "target.optimizer.lr=0.02" in eval_b
+    out = json.loads((tmp_path / "comparison.json").read_text())
+    assert (out["protocol"]["label_budget"], out["protocol"]["eval_budgets"]) == (10, [5, 50])
+    assert "target.data.samples_per_class=5,50" in out["commands"]["scratch"]["eval"]
+
+
+def test_without_eval_budgets_only_the_tuned_budget_is_evaluated(tmp_path):
+    code, runner = _run(tmp_path, "report=false")
+    assert code == 0
+    assert not any(a.startswith("target.data.samples_per_class") for a in runner.calls[2])
+    assert json.loads((tmp_path / "comparison.json").read_text())["protocol"]["eval_budgets"] == [10]
+
+
+@pytest.mark.parametrize(("value", "message"), [
+    ("[5,5]", "listed twice"), ("[0,10]", "0 is not a label budget"), ("[ten]", "'ten' is not a label budget"),
+    ("[]", "non-empty list"),
+])
+def test_bad_eval_budgets_are_one_line_before_anything_runs(tmp_path, capsys, value, message):
+    code, runner = _run(tmp_path, f"eval_budgets={value}")
+    err = capsys.readouterr().err
+    assert code == 2 and runner.calls == [] and message in err and err.count("\n") == 1
+
+
+def test_a_key_the_preset_sweeps_is_fixed_not_tuned(tmp_path):
+    # label_budget sweeps target.data.samples_per_class in its hydra.sweeper.params: the Optuna
+    # sweeper would search it beside the strategy's space, so every run fixes it at the preset's value
+    runner = FakeRunner()
+    argv = ["experiment=label_budget", "strategies=[scratch]", "trials=2", "tuning_seed=100", "eval_seeds=[0,1]",
+            f"dir={tmp_path}", "report=false"]
+    assert cmp.main(argv, runner) == 0
+    tune, evaluate = runner.calls
+    assert "target.data.samples_per_class=10" in tune and "target.data.samples_per_class=10" in evaluate
+    argv[-1:] = ["report=false", "target.data.samples_per_class=50"]  # the command line wins
+    shutil.rmtree(tmp_path / "tune")
+    runner = FakeRunner()
+    assert cmp.main(argv, runner) == 0
+    assert [a for a in runner.calls[0] if a.startswith("target.data.samples_per_class")] == [
+        "target.data.samples_per_class=50"]

@@ -10,6 +10,9 @@ results.json), ``dir``/eval/<strategy>/ the re-trained cells, ``dir``/comparison
 and each strategy's tuned hyperparameters. Other ``key=value`` arguments are passed to every run
 (e.g. ``target.steps=400``). ``n_jobs=N`` runs N trials / cells at once (joblib launcher);
 ``val_per_class=N`` (or ``label``: as many as the label budget) sets the validation images per class.
+``eval_budgets=[5,10,50,200]`` re-trains each strategy's tuned configuration at those label budgets
+(``target.data.samples_per_class``) too — tuned once at the run's budget, evaluated at every listed
+one (budgets × eval seeds per strategy); without it only the tuned budget is evaluated.
 """
 
 from __future__ import annotations
@@ -25,11 +28,12 @@ from typing import Any
 import yaml
 from omegaconf import OmegaConf
 
+from transfer_lab.analysis.collect import BUDGET  # target.data.samples_per_class
 from transfer_lab.errors import ConfigError
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 KEYS = ("experiment", "strategies", "trials", "tuning_seed", "eval_seeds", "dir", "n_jobs",
-        "val_per_class", "report")
+        "val_per_class", "report", "eval_budgets")
 Runner = Callable[[list[str]], int]  # runs a command, returns its exit code
 
 
@@ -44,6 +48,7 @@ class Plan:
     n_jobs: int = 1
     val_per_class: int | str | None = None
     report: bool = True
+    eval_budgets: list[int] | None = None  # None: evaluate at the tuned budget only
     extra: list[str] = field(default_factory=list)
 
 
@@ -53,6 +58,14 @@ def _as_list(value: Any, key: str) -> list:
     if not isinstance(value, Sequence) or isinstance(value, str) or not value:
         raise ConfigError(f"{key}={value!r}: give a non-empty list, e.g. {key}=[a,b]")
     return list(value)
+
+
+def _budget(value: Any) -> int:
+    if isinstance(value, str) and value.strip().isdigit():  # eval_budgets=5,10 (split as strings)
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError(f"eval_budgets: {value!r} is not a label budget (an integer ≥ 1 labels per class)")
+    return value
 
 
 def parse_args(argv: Sequence[str], conf_dir: Path = CONF_DIR) -> Plan:
@@ -70,7 +83,9 @@ def parse_args(argv: Sequence[str], conf_dir: Path = CONF_DIR) -> Plan:
                 eval_seeds=[int(s) for s in _as_list(args.get("eval_seeds", [1, 2, 3]), "eval_seeds")],
                 experiment=args.get("experiment"), trials=int(args.get("trials", 20)),
                 tuning_seed=int(args.get("tuning_seed", 0)), n_jobs=int(args.get("n_jobs", 1)),
-                val_per_class=args.get("val_per_class"), report=bool(args.get("report", True)), extra=extra)
+                val_per_class=args.get("val_per_class"), report=bool(args.get("report", True)), extra=extra,
+                eval_budgets=None if args.get("eval_budgets") is None
+                else [_budget(b) for b in _as_list(args["eval_budgets"], "eval_budgets")])
     check_plan(plan, conf_dir)
     return plan
 
@@ -90,6 +105,8 @@ def check_plan(plan: Plan, conf_dir: Path = CONF_DIR) -> None:
         raise ConfigError(f"strategies={plan.strategies}: a strategy is listed twice")
     if plan.val_per_class is not None and plan.val_per_class != "label" and int(plan.val_per_class) < 1:
         raise ConfigError(f"val_per_class={plan.val_per_class}: a count ≥ 1, or label (= the label budget)")
+    if plan.eval_budgets is not None and len(set(plan.eval_budgets)) != len(plan.eval_budgets):
+        raise ConfigError(f"eval_budgets={plan.eval_budgets}: a budget is listed twice")
 
 
 def search_key(conf_dir: Path = CONF_DIR) -> str:
@@ -108,6 +125,32 @@ def common(plan: Plan) -> list[str]:
     return [*out, *plan.extra]
 
 
+def pinned(shared: list[str], conf_dir: Path = CONF_DIR) -> list[str]:
+    """The keys a preset sweeps itself (its ``hydra.sweeper.params``, e.g. label_budget's budgets),
+    fixed at the run's value: the Optuna sweeper would otherwise search them with the strategy's
+    space, and an evaluation would sweep them. ``strategy``/``seed`` and keys set on the command line
+    are left alone."""
+    from hydra import compose, initialize_config_dir
+
+    try:
+        with initialize_config_dir(str(conf_dir), version_base="1.3"):
+            cfg = compose("train", overrides=shared, return_hydra_config=True)
+    except Exception as e:  # noqa: BLE001 — Hydra's errors of any kind become one line
+        raise ConfigError(" ".join(str(e).split())) from None
+    given = {a.split("=", 1)[0].lstrip("+~") for a in shared}
+    out = []
+    for key in (cfg.hydra.sweeper.get("params") or {}):
+        if key.lstrip("+~") in {"strategy", "seed", *given}:
+            continue
+        name = key.lstrip("+~")
+        value = OmegaConf.select(cfg, name)
+        if OmegaConf.is_config(value):
+            raise ConfigError(f"{name}: the preset sweeps it (hydra.sweeper.params); give {name}=... on the "
+                              "command line to fix it for the comparison")
+        out.append(f"{name}={override_value(value)}")
+    return out
+
+
 def _launcher(plan: Plan) -> list[str]:
     return ["hydra/launcher=parallel", f"hydra.launcher.n_jobs={plan.n_jobs}"] if plan.n_jobs > 1 else []
 
@@ -122,10 +165,16 @@ def tune_command(plan: Plan, strategy: str, shared: list[str], key: str) -> list
 
 
 def eval_command(plan: Plan, strategy: str, shared: list[str], best_params: dict) -> list[str]:
+    """Re-train the tuned configuration with the evaluation seeds (× ``eval_budgets`` when given)."""
+    budgets, subdir = [], "seed_${seed}"
+    if plan.eval_budgets is not None:  # the sweep's budgets replace a budget override of the runs
+        shared = [a for a in shared if a.split("=", 1)[0].lstrip("+") != BUDGET]
+        budgets = [f"{BUDGET}={','.join(str(b) for b in plan.eval_budgets)}"]
+        subdir = "spc${" + BUDGET + "}_seed_${seed}"
     return [sys.executable, "-m", "transfer_lab.train", "-m", *shared, f"strategy={strategy}",
-            *(f"{k}={override_value(v)}" for k, v in best_params.items()), *_launcher(plan),
+            *(f"{k}={override_value(v)}" for k, v in best_params.items()), *budgets, *_launcher(plan),
             f"seed={','.join(str(s) for s in plan.eval_seeds)}",
-            f"hydra.sweep.dir={plan.dir / 'eval' / strategy}", "hydra.sweep.subdir=seed_${seed}"]
+            f"hydra.sweep.dir={plan.dir / 'eval' / strategy}", f"hydra.sweep.subdir={subdir}"]
 
 
 def override_value(v: Any) -> str:
@@ -164,7 +213,9 @@ def compose_protocol(plan: Plan, strategy: str, key: str, shared: list[str]) -> 
             "val_per_class": data.get("val_per_class"), "val_fraction": data.get("val_fraction"),
             "max_val_per_class": data.get("max_val_per_class"),
             "sampler": str(sweeper.sampler._target_).rsplit(".", 1)[-1],
-            "label_budget": data.get("samples_per_class"), "experiment": plan.experiment}
+            "label_budget": data.get("samples_per_class"), "experiment": plan.experiment,
+            # the budgets the tuned configurations are evaluated at (tuned at label_budget only)
+            "eval_budgets": plan.eval_budgets or [data.get("samples_per_class")]}
 
 
 def tuned(plan: Plan, strategy: str) -> dict:
@@ -209,6 +260,7 @@ def compare(plan: Plan, runner: Runner = run_command) -> dict:
         if plan.val_per_class == "label" and protocols[s]["label_budget"] is None:
             raise ConfigError("val_per_class=label: target.data.samples_per_class is not set (no label budget)")
     shared = common(plan)
+    shared += pinned(shared)
     for s in plan.strategies:
         # a sweep with a failed cell exits 1 (a diverged trial is a failed trial, not an error):
         # the study counts when Hydra wrote its optimization_results.yaml (checked by ``tuned``)
