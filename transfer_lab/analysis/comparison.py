@@ -19,7 +19,8 @@ FILE = "comparison.json"
 PROTOCOL = (("trials", "Optuna trials per strategy"), ("sampler", "sampler"),
             ("objective", "objective"), ("direction", "direction"), ("tuning_seed", "tuning seed"),
             ("eval_seeds", "evaluation seeds"), ("steps", "target optimizer steps"),
-            ("val_per_class", "validation labels per class"), ("label_budget", "label budget"))
+            ("val_per_class", "validation labels per class"), ("label_budget", "label budget (tuned at)"),
+            ("eval_budgets", "label budgets evaluated"))
 
 
 def read_comparison(root: str | Path) -> dict[str, Any] | None:
