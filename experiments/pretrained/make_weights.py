@@ -33,7 +33,7 @@ def train(name: str, epochs: int, lr: float, run_dir: Path) -> dict:
     cmd = [sys.executable, "-m", "transfer_lab.train", "strategy=scratch",
            "model@target.model=timm", f"target.model.name={name}",
            "data@target.data=cifar10_npz", f"target.data.classes={CLASSES}",
-           f"target.epochs={epochs}", "target.scheduler=cosine", f"target.optimizer.lr={lr}",
+           f"target.epochs={epochs}", "scheduler@target.scheduler=cosine", f"target.optimizer.lr={lr}",
            "target.save_weights=full", "transferability=false", "resume=false", "logger=none",
            f"hydra.run.dir={run_dir}"]
     print("$", " ".join(cmd[1:]), flush=True)
