@@ -10,9 +10,8 @@ results.json), ``dir``/eval/<strategy>/ the re-trained cells, ``dir``/comparison
 and each strategy's tuned hyperparameters. Other ``key=value`` arguments are passed to every run
 (e.g. ``target.steps=400``). ``n_jobs=N`` runs N trials / cells at once (joblib launcher);
 ``val_per_class=N`` (or ``label``: as many as the label budget) sets the validation images per class.
-``eval_budgets=[5,10,50,200]`` re-trains each strategy's tuned configuration at those label budgets
-(``target.data.samples_per_class``) too — tuned once at the run's budget, evaluated at every listed
-one (budgets × eval seeds per strategy); without it only the tuned budget is evaluated.
+``eval_budgets=[5,10,50,200]`` also re-trains each tuned configuration at those label budgets
+(budgets × eval seeds per strategy); without it only the tuned budget is evaluated.
 """
 
 from __future__ import annotations
@@ -289,12 +288,9 @@ def compare(plan: Plan, runner: Runner = run_command) -> dict:
 def main(argv: Sequence[str] | None = None, runner: Runner = run_command) -> int:
     try:
         compare(parse_args(sys.argv[1:] if argv is None else argv), runner)
-    except ConfigError as e:
+    except (ConfigError, RuntimeError) as e:  # a bad command line: 2; a failed run: 1
         print(f"error: {e}", file=sys.stderr)
-        return 2
-    except RuntimeError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+        return 2 if isinstance(e, ConfigError) else 1
     return 0
 
 
