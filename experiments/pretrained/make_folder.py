@@ -41,7 +41,7 @@ def write_split(x: np.ndarray, y: np.ndarray, out: Path, classes: list[int], n: 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", type=Path, default=HERE / "cifar5_9", help="folder to write (default: %(default)s)")
-    p.add_argument("--data-dir", type=Path, default=Path(os.environ.get("TRANSFER_LAB_DATA", "../shared/data")))
+    p.add_argument("--data-dir", type=Path, default=Path(os.environ.get("TRANSFER_LAB_DATA", "data")))
     p.add_argument("--classes", type=int, nargs="+", default=[5, 6, 7, 8, 9])
     p.add_argument("--train-per-class", type=int, default=150,
                    help="training pool per class: the label budgets and the validation split are drawn from it")
