@@ -124,18 +124,23 @@ def common(plan: Plan) -> list[str]:
     return [*out, *plan.extra]
 
 
+def _compose(overrides: list[str], conf_dir: Path = CONF_DIR):
+    """``train``'s config with ``overrides`` (Hydra's compose API); any Hydra error as one line."""
+    from hydra import compose, initialize_config_dir
+
+    try:
+        with initialize_config_dir(str(conf_dir), version_base="1.3"):
+            return compose("train", overrides=overrides, return_hydra_config=True)
+    except Exception as e:  # noqa: BLE001 — Hydra's errors of any kind become one line
+        raise ConfigError(" ".join(str(e).split())) from None
+
+
 def pinned(shared: list[str], conf_dir: Path = CONF_DIR) -> list[str]:
     """The keys a preset sweeps itself (its ``hydra.sweeper.params``, e.g. label_budget's budgets),
     fixed at the run's value: the Optuna sweeper would otherwise search them with the strategy's
     space, and an evaluation would sweep them. ``strategy``/``seed`` and keys set on the command line
     are left alone."""
-    from hydra import compose, initialize_config_dir
-
-    try:
-        with initialize_config_dir(str(conf_dir), version_base="1.3"):
-            cfg = compose("train", overrides=shared, return_hydra_config=True)
-    except Exception as e:  # noqa: BLE001 — Hydra's errors of any kind become one line
-        raise ConfigError(" ".join(str(e).split())) from None
+    cfg = _compose(shared, conf_dir)
     given = {a.split("=", 1)[0].lstrip("+~") for a in shared}
     out = []
     for key in (cfg.hydra.sweeper.get("params") or {}):
@@ -190,15 +195,12 @@ def override_value(v: Any) -> str:
 def compose_protocol(plan: Plan, strategy: str, key: str, shared: list[str]) -> dict:
     """The study's protocol as the tuning run will see it (Hydra's compose API): bad overrides
     fail here, before any training."""
-    from hydra import compose, initialize_config_dir
-
     overrides = [*shared, f"strategy={strategy}", f"{key}={strategy}", f"seed={plan.tuning_seed}",
                  f"hydra.sweeper.n_trials={plan.trials}"]
     try:
-        with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
-            cfg = compose("train", overrides=overrides, return_hydra_config=True)
-    except Exception as e:  # noqa: BLE001 — Hydra's errors of any kind become one line
-        raise ConfigError(f"strategy={strategy}: " + " ".join(str(e).split())) from None
+        cfg = _compose(overrides)
+    except ConfigError as e:
+        raise ConfigError(f"strategy={strategy}: {e}") from None
     objective = str(cfg.get("optimized_metric") or "")
     if not objective.startswith("val/"):
         raise ConfigError(f"optimized_metric={objective or None}: tuning optimises a validation metric "

@@ -115,8 +115,8 @@ def file_identity(path: Path) -> list:
         st = path.stat()
         return [str(path.resolve()), st.st_size, st.st_mtime_ns]
     if path.is_dir():
-        return [[str(p), p.stat().st_size, p.stat().st_mtime_ns] for p in sorted(path.resolve().rglob("*"))
-                if p.is_file()]
+        return [[str(p), st.st_size, st.st_mtime_ns] for p in sorted(path.resolve().rglob("*"))
+                if p.is_file() and (st := p.stat())]
     return [str(path), "missing"]
 
 
