@@ -2,6 +2,7 @@
 per-step host syncs, and channels_last / torch.compile / bf16 / device-resident data change
 speed only, not results. Speed itself is measured by ``python -m transfer_lab.bench``."""
 
+import os
 from functools import partial
 
 import lightning as L
@@ -174,3 +175,20 @@ def test_epoch_sums_merge_a_term_that_appears_mid_epoch():
     sums, names = add_row(sums, names, torch.tensor([5.0, 3.0, 7.0]), ["loss", "new", "task"])
     assert names == ["loss", "task", "new"]
     assert sums.tolist() == [7.0, 11.0, 3.0]
+
+
+def test_nvml_check_is_turned_off_only_where_nvml_cannot_load(monkeypatch):
+    """Without an NVIDIA driver the NVML check dlopens on every Adam step and falls back to the
+    runtime count anyway; with one (or when the variable is not set) nothing changes."""
+    import transfer_lab.perf as perf
+
+    monkeypatch.setattr(torch.backends.cuda, "is_built", lambda: True)
+    for loadable, env, changed, after in ((False, "1", True, "0"), (True, "1", False, "1"),
+                                          (False, None, False, None)):
+        monkeypatch.setattr(perf, "_nvml_loadable", lambda v=loadable: v)
+        if env is None:
+            monkeypatch.delenv("PYTORCH_NVML_BASED_CUDA_CHECK", raising=False)
+        else:
+            monkeypatch.setenv("PYTORCH_NVML_BASED_CUDA_CHECK", env)
+        assert perf.skip_nvml_check_without_driver() is changed
+        assert os.environ.get("PYTORCH_NVML_BASED_CUDA_CHECK") == after

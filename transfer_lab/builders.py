@@ -27,6 +27,7 @@ from transfer_lab.data.datamodule import TransferDataModule
 from transfer_lab.errors import ConfigError
 from transfer_lab.models.classifier import Classifier
 from transfer_lab.module import TransferModule
+from transfer_lab.perf import skip_nvml_check_without_driver
 from transfer_lab.strategies.base import Strategy
 
 log = logging.getLogger("transfer_lab")
@@ -189,6 +190,7 @@ def make_module(cfg: DictConfig, stage: str, model: torch.nn.Module, strategy: S
 def make_trainer(cfg: DictConfig, stage: str, out_dir: Path, callbacks: list,
                  devices: Any = None) -> L.Trainer:
     """The shared ``trainer`` config plus the stage's own ``epochs`` and ``trainer`` overrides."""
+    skip_nvml_check_without_driver()
     kwargs = dict(OmegaConf.to_container(cfg.trainer, resolve=True))
     if devices is not None:
         kwargs["devices"] = devices

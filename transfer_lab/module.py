@@ -74,10 +74,7 @@ class TransferModule(L.LightningModule):
         # registered once: on the training device, in the optimizer, in checkpoints
         self.strategy_modules = strategy.modules()
         # epoch sums kept on the device: (loss, term…) × batch size, and correct predictions
-        self._sums: torch.Tensor | None = None
-        self._correct: torch.Tensor | None = None
-        self._names: list[str] = []
-        self._loss_count = self._seen = 0
+        self._epoch_sums = EpochSums()
 
     def task_loss(self, outputs: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """The supervised loss of the task: (class-weighted) cross-entropy, or MSE for regression
@@ -97,9 +94,7 @@ class TransferModule(L.LightningModule):
             self.train_mse.update(self.predict_value(outputs.detach()), y)
             return
         # micro accuracy, as torchmetrics' multiclass Accuracy: argmax over the class dimension
-        correct = (outputs.detach().argmax(1) == y).sum()
-        self._correct = correct if self._correct is None else self._correct + correct
-        self._seen += y.numel()
+        self._epoch_sums.add_correct((outputs.detach().argmax(1) == y).sum(), y.numel())
 
     @property
     def backbone(self) -> nn.Module:  # what BaseFinetuning-style callbacks look for
@@ -129,8 +124,7 @@ class TransferModule(L.LightningModule):
         n = len(step.target)
         with torch.no_grad():  # one stacked add a step (a float32 sum per term, as before)
             row = torch.stack([loss, *step.terms.values()]).float() * n
-            self._sums, self._names = add_row(self._sums, self._names, row, ["loss", *step.terms])
-        self._loss_count += n
+        self._epoch_sums.add_terms(row, ["loss", *step.terms], n)
         return loss
 
     def on_train_epoch_start(self) -> None:
@@ -139,8 +133,7 @@ class TransferModule(L.LightningModule):
         # This hook runs after the callbacks' (a block a schedule just unfroze trains in training
         # mode); validation loops capture and restore these modes, so they hold all epoch.
         self.train()
-        self._sums = self._correct = None
-        self._loss_count = self._seen = 0
+        self._epoch_sums = EpochSums()
         # Lightning sets the epoch only on a loader's ``.sampler``; our in-memory loaders shuffle
         # by their own epoch counter, which a resumed run would restart at 0 (replaying epoch 0's
         # order). Setting it from the trainer makes a resumed run see the uninterrupted order.
@@ -152,13 +145,14 @@ class TransferModule(L.LightningModule):
         if self.task == "regression":
             self.log("train/mse", self.train_mse.compute())
             self.train_mse.reset()
-        elif self._correct is not None:  # summed over the processes (DDP), as a synced metric is
-            counts = torch.stack([self._correct.double(), self._correct.new_tensor(self._seen).double()])
+        elif (e := self._epoch_sums).correct is not None:  # summed over processes (DDP), as synced
+            counts = torch.stack([e.correct.double(), e.correct.new_tensor(e.seen).double()])
             correct, seen = self.trainer.strategy.reduce(counts, reduce_op="sum").float()
             self.log("train/acc", correct / seen)
-        if not self._loss_count:
+        e = self._epoch_sums
+        if not e.count:
             return
-        means = {k: v / self._loss_count for k, v in zip(self._names, self._sums.unbind(0))}
+        means = {k: v / e.count for k, v in zip(e.names, e.sums.unbind(0))}
         for name, value in means.items():  # train/loss and train/<term> for each term
             self.log(f"train/{name}", value)
         loss = means["loss"]
@@ -221,6 +215,28 @@ class TransferModule(L.LightningModule):
         if self.scheduler_factory is None:  # no trainer needed (unit tests call this directly)
             return opt
         return configure_scheduler(self.scheduler_factory, opt, self.trainer)
+
+
+class EpochSums:
+    """A training epoch's running sums, on the device: a plain object, not module attributes
+    (each ``nn.Module.__setattr__`` runs isinstance checks; five of them a step add up on
+    an overhead-bound model)."""
+
+    __slots__ = ("sums", "names", "count", "correct", "seen")
+
+    def __init__(self) -> None:
+        self.sums: torch.Tensor | None = None
+        self.names: list[str] = []
+        self.correct: torch.Tensor | None = None
+        self.count = self.seen = 0
+
+    def add_terms(self, row: torch.Tensor, names: list[str], n: int) -> None:
+        self.sums, self.names = add_row(self.sums, self.names, row, names)
+        self.count += n
+
+    def add_correct(self, correct: torch.Tensor, n: int) -> None:
+        self.correct = correct if self.correct is None else self.correct + correct
+        self.seen += n
 
 
 def add_row(sums: torch.Tensor | None, names: list[str], row: torch.Tensor,

@@ -18,7 +18,10 @@ because on this project's 2-core CPU they do not (see experiments/benchmarks/REA
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import logging
+import os
 from typing import Any
 
 import lightning as L
@@ -86,6 +89,34 @@ class Compile(Callback):
         self._done.add(id(model))
         log.info("torch.compile(mode=%s, backend=%s) on %s", self.mode, self.backend,
                  type(model).__name__)
+
+
+@functools.cache
+def _nvml_loadable() -> bool:
+    try:
+        ctypes.CDLL("libnvidia-ml.so.1")
+        return True
+    except OSError:
+        return False
+
+
+def skip_nvml_check_without_driver() -> bool:
+    """Turn off Lightning's NVML-based CUDA check where NVML cannot exist (no NVIDIA driver).
+
+    ``import lightning`` sets ``PYTORCH_NVML_BASED_CUDA_CHECK=1`` so that asking whether CUDA is
+    available does not initialise CUDA before DDP forks. Without a driver torch then tries
+    ``dlopen("libnvidia-ml.so.1")`` on *every* ``torch.cuda.is_available()`` call — which
+    ``torch.optim.Adam.step`` makes on every step — fails, and falls back to the runtime count
+    anyway: ~0.1–0.3 ms a step on a CUDA build of torch without a GPU. Where the library cannot be
+    loaded the two checks give the same answer (0 devices, no CUDA context to poison), so the
+    runtime one is used. Returns whether the variable was changed.
+    """
+    if os.environ.get("PYTORCH_NVML_BASED_CUDA_CHECK") != "1" or not torch.backends.cuda.is_built():
+        return False
+    if _nvml_loadable():
+        return False
+    os.environ["PYTORCH_NVML_BASED_CUDA_CHECK"] = "0"
+    return True
 
 
 def model_of(pl_module: L.LightningModule) -> nn.Module:
