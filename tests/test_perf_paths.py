@@ -2,6 +2,7 @@
 per-step host syncs, and channels_last / torch.compile / bf16 / device-resident data change
 speed only, not results. Speed itself is measured by ``python -m transfer_lab.bench``."""
 
+import json
 import os
 from functools import partial
 
@@ -192,3 +193,13 @@ def test_nvml_check_is_turned_off_only_where_nvml_cannot_load(monkeypatch):
             monkeypatch.setenv("PYTORCH_NVML_BASED_CUDA_CHECK", env)
         assert perf.skip_nvml_check_without_driver() is changed
         assert os.environ.get("PYTORCH_NVML_BASED_CUDA_CHECK") == after
+
+
+def test_bench_part_a_alternates_reps_a_pairs_and_reports_the_smaller_ratio(capsys, tmp_path):
+    from transfer_lab.bench import main
+
+    main(["--json", "--parts", "a", "--per-class", "4", "--epochs", "1", "--reps-a", "2"])
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    ratios = {name: fig["ratios"] for name, fig in summary["detail"]["a"].items()}
+    assert ratios and all(len(r) == 2 and all(x > 0 for x in r) for r in ratios.values())
+    assert summary["framework_vs_loop"] == min(fig["ratio"] for fig in summary["detail"]["a"].values())
