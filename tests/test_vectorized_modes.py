@@ -7,6 +7,8 @@ the real path (``TransferModule`` on a Trainer), one seed at a time.
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 from lightning.pytorch.loggers.logger import Logger
@@ -15,7 +17,8 @@ import test_vectorized
 from test_vectorized import OPT, SEEDS, assert_same, cell, tiny_model, trainer, vectorised
 from transfer_lab.errors import ConfigError
 from transfer_lab.vectorized import VectorizedModule, engine, fit_seeds
-from transfer_lab.vectorized.modes import resolve_mode
+from transfer_lab.vectorized import module as module_py
+from transfer_lab.vectorized.modes import backward_per_seed, resolve_mode
 
 # the brief's list: plain, pretrained init, a penalty with per-seed references, adapters, a teacher
 STRATEGIES = ["scratch", "finetune", "l2sp", "lora", "distill"]
@@ -136,3 +139,77 @@ def test_a_bad_vectorize_mode_is_refused_before_anything_runs():
     assert compose_cfg("vectorize_mode=loop").vectorize_mode.value == "loop"
     with pytest.raises(Exception, match="vectorize_mode"):
         compose_cfg("vectorize_mode=bogus")
+
+
+# --- loop mode's per-seed backward (modes.loop_seeds with trainable names) ----------------------
+
+def _loop_module(k: int = 3) -> tuple[VectorizedModule, tuple]:
+    """A loop-mode module of ``k`` finetune seeds (BatchNorm convnet) and one K-stacked batch."""
+    strategies, models, dms = zip(*(cell("finetune", s) for s in range(k)))
+    module = VectorizedModule(list(models), list(strategies), OPT, 0.01, dms[0].num_classes, mode="loop")
+    g = torch.Generator().manual_seed(0)
+    return module, (torch.randn(k, 16, 1, 8, 8, generator=g), torch.randint(0, 4, (k, 16), generator=g))
+
+
+def _peak_saved_tensors(module: VectorizedModule, batch: tuple) -> int:
+    """The most tensors autograd held for backward at once during one training step + backward."""
+    live, peak = [0], [0]
+
+    class Saved:
+        def __init__(self, t: torch.Tensor) -> None:
+            self.t = t
+            live[0] += 1
+            peak[0] = max(peak[0], live[0])
+
+        def __del__(self) -> None:
+            live[0] -= 1
+
+    with torch.autograd.graph.saved_tensors_hooks(Saved, lambda s: s.t):
+        module.training_step(batch, 0).backward()
+    return peak[0]
+
+
+def test_loop_mode_holds_one_seed_s_activations_at_a_time(monkeypatch):
+    # each seed's backward runs before the next seed's forward: K seeds hold what one seed holds
+    one = _peak_saved_tensors(*_loop_module(1))
+    assert one > 0
+    assert _peak_saved_tensors(*_loop_module(3)) == one
+    # one backward over the K graphs (what a loss scaler gets) holds all K seeds' at once
+    monkeypatch.setattr(module_py, "backward_per_seed", lambda trainer, trainable: None)
+    assert _peak_saved_tensors(*_loop_module(3)) >= 3 * one
+
+
+def test_per_seed_backward_gives_the_one_backward_s_gradients(monkeypatch):
+    grads = {}
+    for path in ("per_seed", "one_backward"):
+        if path == "one_backward":
+            monkeypatch.setattr(module_py, "backward_per_seed", lambda trainer, trainable: None)
+        module, batch = _loop_module(3)
+        loss = module.training_step(batch, 0)
+        (loss / 2).backward()  # as Lightning's accumulate_grad_batches=2 scales it
+        grads[path] = {n: p.grad for n, p in module.stacked.named_parameters()}
+        assert loss.item() == pytest.approx(module.train_loss_sum().sum().item() / 16)
+    assert grads["per_seed"].keys() == grads["one_backward"].keys()
+    for n, g in grads["per_seed"].items():
+        assert g is not None and g.abs().sum() > 0, n
+        assert torch.allclose(g, grads["one_backward"][n], atol=1e-7), n
+
+
+def test_a_loss_scaler_or_no_grad_turns_the_per_seed_backward_off():
+    plain, scaled = SimpleNamespace(precision_plugin=SimpleNamespace(scaler=None)), \
+        SimpleNamespace(precision_plugin=SimpleNamespace(scaler=object()))
+    assert backward_per_seed(plain, ["w"]) == ["w"] and backward_per_seed(None, ["w"]) == ["w"]
+    assert backward_per_seed(scaled, ["w"]) is None  # 16-mixed: each seed's backward must be scaled
+    assert backward_per_seed(plain, []) is None
+    with torch.no_grad():
+        assert backward_per_seed(plain, ["w"]) is None
+
+
+@pytest.mark.slow
+def test_loop_mode_with_gradient_accumulation_and_clipping_equals_separate_runs(built):
+    # the per-seed gradients reach the stacked parameters through Lightning's own backward:
+    # scaled by 1/accumulate_grad_batches, then clipped per seed, as each separate run's
+    made = built("loop")
+    kw = {"accumulate_grad_batches": 2, "gradient_clip_val": 0.05}
+    assert_same("l2sp", vectorised("l2sp", trainer_kw=kw), trainer_kw=kw)
+    assert made[0]._run == "loop"

@@ -24,23 +24,10 @@ from transfer_lab.schedulers import ScheduleFactory, configure_scheduler
 from transfer_lab.strategies.base import Strategy
 from transfer_lab.strategies.common import hold_frozen_in_eval
 from transfer_lab.vectorized.data import NotVectorisable
-from transfer_lab.vectorized.modes import (check_mode, loop_seeds, resolve_mode, unbind_all,
-                                           vmap_cross_entropy)
-from transfer_lab.vectorized.stack import Stacked, _mangle
+from transfer_lab.vectorized.modes import (backward_per_seed, check_mode, loop_seeds, resolve_mode,
+                                           unbind_all, vmap_cross_entropy)
+from transfer_lab.vectorized.stack import Bag, Stacked
 from transfer_lab.vectorized.terms import seed_loss
-
-
-class _Bag(nn.Module):
-    """K-stacked constant tensors (teachers, reference weights) as buffers: moved with the module."""
-
-    def __init__(self, tensors: dict[str, torch.Tensor]) -> None:
-        super().__init__()
-        self.names = list(tensors)
-        for n, t in tensors.items():
-            self.register_buffer(_mangle(n), t.detach().clone(), persistent=False)
-
-    def tensors(self) -> dict[str, torch.Tensor]:
-        return {n: getattr(self, _mangle(n)) for n in self.names}
 
 
 class VectorizedModule(L.LightningModule):
@@ -68,7 +55,7 @@ class VectorizedModule(L.LightningModule):
         self._template = [copy.deepcopy(models[0])]  # a list: not a submodule, its tensors are never used
         self.stacked = Stacked(models)
         self.seed_loss = seed_loss(strategies, models, self.template)
-        self.aux = _Bag(self.seed_loss.aux())
+        self.aux = Bag(self.seed_loss.aux())
         cws = class_weights or [None] * self.k
         self.register_buffer("class_weights", None if cws[0] is None else torch.stack(cws), persistent=False)
         # dropout/augmentation-like draws: each seed its own (not the separate run's exact draws)
@@ -124,10 +111,6 @@ class VectorizedModule(L.LightningModule):
             self.seed_loss.per_seed = self._run == "loop"
         return self._run
 
-    def _loop_seeds(self, params, aux, class_weights, batch):
-        """``_seed_step``'s result, computed seed by seed on views of the stacked tensors."""
-        return loop_seeds(self._one_seed, self.k, params, aux, class_weights, batch)
-
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         if not self.template.training:
             for n, m in self.template.named_modules():
@@ -137,8 +120,13 @@ class VectorizedModule(L.LightningModule):
         x, y = batch
         aux = self.aux.tensors()
         batch = (x, y, *self.seed_loss.extra(x, aux))
-        step = self._loop_seeds if self._mode() == "loop" else self._seed_step
-        losses, outputs, target, terms = step(self.stacked.tensors(), aux, self.class_weights, batch)
+        args = (self.stacked.tensors(), aux, self.class_weights, batch)
+        if self._mode() == "loop":  # seed by seed, each seed's backward right after its forward
+            per_seed = backward_per_seed(self._trainer, self.stacked.trainable)
+            losses, outputs, target, terms, total = loop_seeds(self._one_seed, self.k, *args, per_seed)
+        else:
+            losses, outputs, target, terms = self._seed_step(*args)
+            total = losses.sum()
         n = target.shape[1]
         with torch.no_grad():  # per-seed epoch sums on the device, one add a step: no host sync
             correct = (outputs.argmax(-1) == target).sum(1)
@@ -146,7 +134,7 @@ class VectorizedModule(L.LightningModule):
             self._train_sums, self._term_names = add_row(self._train_sums, self._term_names,
                                                          row.double(), ["correct", "loss", *(f"term:{t}" for t in terms)])
             self._train_count += n
-        return losses.sum()
+        return total
 
     def train_loss_sum(self) -> torch.Tensor | None:
         """Per seed, Σ step loss × batch size so far this epoch, on the device (``SeedCurves``)."""

@@ -74,3 +74,16 @@ class Stacked(nn.Module):
             state = _state(m)
             for n, t in self.seed(k).items():
                 state[n].copy_(t.to(state[n].device))
+
+
+class Bag(nn.Module):
+    """K-stacked constant tensors (teachers, reference weights) as buffers: moved with the module."""
+
+    def __init__(self, tensors: dict[str, torch.Tensor]) -> None:
+        super().__init__()
+        self.names = list(tensors)
+        for n, t in tensors.items():
+            self.register_buffer(_mangle(n), t.detach().clone(), persistent=False)
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {n: getattr(self, _mangle(n)) for n in self.names}
