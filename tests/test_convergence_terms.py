@@ -74,14 +74,13 @@ def test_judge_reads_the_series_it_is_given():
 
 
 def test_a_declared_task_term_is_judged_when_the_other_term_rises(tmp_path, one_thread):
-    declared, check = _fit(tmp_path / "a", RisingExtraTerm(declare=True), steps=120)
+    declared, _ = _fit(tmp_path / "a", RisingExtraTerm(declare=True), steps=120)
     assert declared["converged"] is True, declared
     assert declared["loss_series"] == "train/task"
     # the summed loss of the same run rises: judged on it, the cell would look stuck
     summed, _ = _fit(tmp_path / "b", RisingExtraTerm(declare=False), steps=120)
     assert summed["converged"] is False and summed["loss_series"] == "train/loss"
     assert "barely fell" in summed["reason"]
-    assert [h[0] for h in check.history] == [h[0] for h in _fit(tmp_path / "c", RisingExtraTerm(True), 120)[1].history]
 
 
 def test_the_strategy_is_left_as_it_was(tmp_path, one_thread):

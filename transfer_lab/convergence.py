@@ -28,8 +28,8 @@ import torch
 from lightning.pytorch.callbacks import Callback
 
 RULE = ("converged when, over the last fifth of training steps, the best {monitor} improved by less "
-        "than {val_tol} (absolute) and the training loss ({series}), which fell by more than {loss_pct:g}% over the run, "
-        "fell by less than {loss_pct:g}% of that fall; at least {min_evals} validations, two of them in the "
+        "than {val_tol} (absolute) and the training loss ({series}), which fell by more than {loss_pct:g}% "
+        "over the run, fell by less than {loss_pct:g}% of that fall; at least {min_evals} validations, two of them in the "
         "last fifth")
 
 
@@ -150,8 +150,8 @@ def judge(history: list[tuple[int, float, float | None]], steps: int, monitor: s
         if whole <= loss_tol * abs(first):  # within noise of where it started: the share means nothing
             reasons.append(f"training loss ({loss_series}) barely fell over the run ({first:.4g} → {end:.4g})")
         elif share >= loss_tol:
-            reasons.append(f"training loss ({loss_series}) still falling ({100 * share:.0f}% of its fall came in the last "
-                           f"fifth ≥ {100 * loss_tol:g}%)")
+            reasons.append(f"training loss ({loss_series}) still falling ({100 * share:.0f}% of its fall came "
+                           f"in the last fifth ≥ {100 * loss_tol:g}%)")
     out["converged"] = not reasons
     if reasons:
         out["reason"] = "; ".join(reasons)

@@ -70,7 +70,8 @@ class PairedData(L.LightningDataModule):
         self.rows: torch.Tensor | None = None
 
     def _modules(self) -> list[TransferDataModule]:
-        return list(dict.fromkeys(m for m in (self.main, self.second, self.evaluate, self.validate) if m is not None))
+        mods = (self.main, self.second, self.evaluate, self.validate)
+        return list(dict.fromkeys(m for m in mods if m is not None))
 
     def setup(self, stage: str | None = None) -> None:
         for dm in self._modules():
