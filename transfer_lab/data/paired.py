@@ -96,7 +96,8 @@ class PairedData(L.LightningDataModule):
         return self.evaluate.test_dataloader()
 
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
-        if self.trainer is not None and (self.trainer.validating or self.trainer.sanity_checking):
+        if self.validate is not self.evaluate and self.trainer is not None and (
+                getattr(self.trainer, "validating", False) or getattr(self.trainer, "sanity_checking", False)):
             return self.validate.on_after_batch_transfer(batch, dataloader_idx)
         if self.trainer is None or not self.trainer.training:
             return self.evaluate.on_after_batch_transfer(batch, dataloader_idx)
