@@ -9,7 +9,8 @@ counted in validations (every ``val_check_interval`` steps).
 Which validation split: the target's, unless a strategy that trains on source data says
 ``validate_on=source`` (``dann``, ``source_only``: unsupervised domain adaptation, where no target
 label may choose anything) — then selection, tuning (``optimized_metric``) and the convergence
-check read the source domain's validation split. ``selection.data`` in ``results.json`` names it.
+check read the source domain's validation split; ``selection.data`` in ``results.json`` then names it
+(``source.data``; absent when the target's validation split selected).
 """
 
 from __future__ import annotations
@@ -105,10 +106,10 @@ class Selection:
         """After ``fit``: the checkpoint to test (None: the current weights) and the record for
         ``results.json``. ``best_val`` without any validation falls back to the last weights."""
         record = {"select": self.select, "monitor": self.monitor, "mode": self.mode}
-        dm = getattr(trainer, "datamodule", None)  # the split validated on: target.data or source.data
-        data = getattr(getattr(dm, "validate", dm), "key", None)
-        if isinstance(data, str):
-            record["data"] = data
+        dm = getattr(trainer, "datamodule", None)  # validated on another split than the target's
+        other = getattr(dm, "validate", None)
+        if other is not None and other is not getattr(dm, "evaluate", None):
+            record["data"] = getattr(other, "key", None)
         best = self.checkpoint.best_model_path if self.checkpoint is not None else ""
         if best:
             # the checkpoint's own step: mmap reads the header, not the weights
