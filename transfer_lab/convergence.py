@@ -12,6 +12,11 @@ validation at or before 80% of the run's steps. A cell has converged when
   falling in a straight line (a too-low learning rate) or hardly at all does not pass; a memorised
   training set's loss halving at 0.004 → 0.002 does.
 (An exponential decay passes the 5% after about three time constants.)
+
+Which training loss: the strategy's summed loss (``train/loss``), unless the strategy declares
+``convergence_term`` — the one term meant to fall when another is not (``dann``'s domain term is
+adversarial and rises by design): then that term (``train/task``). ``loss_series`` in the record
+names the series judged.
 """
 
 from __future__ import annotations
@@ -23,15 +28,16 @@ import torch
 from lightning.pytorch.callbacks import Callback
 
 RULE = ("converged when, over the last fifth of training steps, the best {monitor} improved by less "
-        "than {val_tol} (absolute) and the training loss, which fell by more than {loss_pct:g}% over the run, "
-        "fell by less than {loss_pct:g}% of that fall; at least {min_evals} validations, two of them in the "
+        "than {val_tol} (absolute) and the training loss ({series}), which fell by more than {loss_pct:g}% "
+        "over the run, fell by less than {loss_pct:g}% of that fall; at least {min_evals} validations, two of them in the "
         "last fifth")
 
 
 class ConvergenceCheck(Callback):
     """Records ``(global step, validation metric, mean training loss since the last validation)``
     at every validation and, at the end of fit, ``self.result`` — the ``convergence`` entry of
-    ``results.json``.
+    ``results.json``. The training loss is the step's summed loss, or the term the module's
+    strategy names in ``convergence_term`` (read from its ``loss`` during fit).
 
     Args:
         monitor: validation metric (``val/acc``; ``val/loss`` for regression).
@@ -51,10 +57,41 @@ class ConvergenceCheck(Callback):
         self.result: dict[str, Any] | None = None
         self._loss_sum: torch.Tensor | None = None
         self._loss_count = 0
+        self.term: str | None = None  # the strategy's convergence_term (None: the summed loss)
+        self._term_value: torch.Tensor | None = None
+        self._wrapped: Any = None
+
+    @property
+    def loss_series(self) -> str:
+        return f"train/{self.term or 'loss'}"
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        strategy = getattr(pl_module, "strategy", None)
+        self.term = getattr(strategy, "convergence_term", None)
+        if self.term is None or self._wrapped is not None:
+            return
+        inner, term = strategy.loss, self.term
+
+        def loss(*args: Any, **kwargs: Any) -> Any:  # the strategy's loss, its declared term noted
+            out = inner(*args, **kwargs)
+            if term not in out.terms:
+                raise ValueError(f"strategy={strategy.name}: convergence_term={term!r} is not one of its "
+                                 f"loss terms ({', '.join(out.terms)})")
+            self._term_value = out.terms[term]
+            return out
+
+        strategy.loss, self._wrapped = loss, strategy
+
+    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if self._wrapped is not None:  # the strategy's own method again
+            vars(self._wrapped).pop("loss", None)
+            self._wrapped = None
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any,
                            batch: Any, batch_idx: int) -> None:
         loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
+        if self.term is not None:
+            loss, self._term_value = self._term_value, None
         if isinstance(loss, torch.Tensor):
             # summed on the device: no host sync per step, one per validation
             d = loss.detach().float()
@@ -71,7 +108,7 @@ class ConvergenceCheck(Callback):
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.result = judge(self.history, int(trainer.global_step), self.monitor, self.mode,
-                            self.val_tol, self.loss_tol, self.min_evals)
+                            self.val_tol, self.loss_tol, self.min_evals, self.loss_series)
 
     def state_dict(self) -> dict[str, Any]:  # a resumed run judges its whole curve
         return {"history": [list(h) for h in self.history]}
@@ -81,12 +118,15 @@ class ConvergenceCheck(Callback):
 
 
 def judge(history: list[tuple[int, float, float | None]], steps: int, monitor: str, mode: str,
-          val_tol: float, loss_tol: float, min_evals: int) -> dict[str, Any]:
-    """The ``convergence`` record of a run from its ``(step, metric, train loss)`` history."""
+          val_tol: float, loss_tol: float, min_evals: int, loss_series: str = "train/loss") -> dict[str, Any]:
+    """The ``convergence`` record of a run from its ``(step, metric, train loss)`` history;
+    ``loss_series`` names the training loss judged (``train/loss``, or a term: ``train/task``)."""
     out: dict[str, Any] = {
         "converged": False, "val_metric_change_last_fifth": None, "train_loss_change_last_fifth": None,
         "train_loss_share_last_fifth": None, "n_evals": len(history), "steps": steps, "monitor": monitor,
-        "rule": RULE.format(monitor=monitor, val_tol=val_tol, loss_pct=100 * loss_tol, min_evals=min_evals)}
+        "loss_series": loss_series,
+        "rule": RULE.format(monitor=monitor, val_tol=val_tol, loss_pct=100 * loss_tol, min_evals=min_evals,
+                            series=loss_series)}
     before = [h for h in history if h[0] <= 0.8 * steps]
     n_last = len(history) - len(before)
     if len(history) < min_evals or not before or n_last < 2:
@@ -108,10 +148,10 @@ def judge(history: list[tuple[int, float, float | None]], steps: int, monitor: s
         share = (ref - end) / whole if whole > 0 else None
         out["train_loss_share_last_fifth"] = None if share is None else round(share, 6)
         if whole <= loss_tol * abs(first):  # within noise of where it started: the share means nothing
-            reasons.append(f"training loss barely fell over the run ({first:.4g} → {end:.4g})")
+            reasons.append(f"training loss ({loss_series}) barely fell over the run ({first:.4g} → {end:.4g})")
         elif share >= loss_tol:
-            reasons.append(f"training loss still falling ({100 * share:.0f}% of its fall came in the last "
-                           f"fifth ≥ {100 * loss_tol:g}%)")
+            reasons.append(f"training loss ({loss_series}) still falling ({100 * share:.0f}% of its fall came "
+                           f"in the last fifth ≥ {100 * loss_tol:g}%)")
     out["converged"] = not reasons
     if reasons:
         out["reason"] = "; ".join(reasons)

@@ -1,7 +1,7 @@
 """results.json files → one table (mean ± std, n, 95% CI, paired statistics vs the baseline,
 convergence) + CSV + plots.
 
-``python -m transfer_lab.report <dir> [--out DIR] [--no-plots] [--baseline STRATEGY]`` (console
+``python -m transfer_lab.report <dir> [--out DIR] [--no-plots] [--baseline STRATEGY|KEY=VALUE]`` (console
 script ``transfer-lab-report``). Results are read by ``transfer_lab.analysis.collect`` and grouped
 by ``transfer_lab.analysis.aggregate``: everything that varies across the directory except the seed
 and the keys that do not change a result (``transfer_lab.results.NON_RESULT_KEYS``). Failed cells
@@ -38,7 +38,7 @@ from transfer_lab.analysis.breakdowns import SCORES, has, per_class_table, ranki
 from transfer_lab.analysis.collect import BUDGET, METRICS, headline
 from transfer_lab.analysis.comparison import is_tuning_trial, protocol_markdown, read_comparison
 from transfer_lab.analysis.effective_labels import effective_table
-from transfer_lab.analysis.paired import add_paired, match_baseline
+from transfer_lab.analysis.paired import add_paired, match_baseline, parse_baseline
 from transfer_lab.analysis.report_plots import effective_plot, plots
 from transfer_lab.errors import ConfigError
 from transfer_lab.io import atomic_write_text
@@ -113,7 +113,7 @@ def summarise(df: pd.DataFrame, keys: list[str], m: str = "acc",
     table = pd.DataFrame(out)
     add_gain(table, keys, m)
     add_paired(table, df, keys, m, baseline)
-    return ordered(table, keys, baseline)
+    return ordered(table, keys, parse_baseline(baseline)[1])
 
 
 def add_gain(table: pd.DataFrame, keys: list[str], m: str = "acc") -> None:
@@ -200,9 +200,7 @@ def report(root: str | Path, out: str | Path | None = None, plot: bool = True,
     tuning = int(df["tuning_trial"].sum()) if comparison is not None and not df.empty else 0
     if tuning:  # the comparison's evaluation cells are the result; its tuning trials are not
         df = df[~df["tuning_trial"]].reset_index(drop=True)
-    if not df.empty and baseline != "scratch" and not (df["k:strategy"] == baseline).any():
-        raise ConfigError(f"--baseline {baseline}: no cell ran that strategy "
-                          f"(strategies here: {', '.join(sorted(map(str, df['k:strategy'].unique())))})")
+    check_baseline(df, baseline)
     present = [m for m in METRICS if not df.empty and (df["metric"] == m).any()]
     sections = {m: section(df[df["metric"] == m].copy(), m, baseline, comparison) for m in present}
     counts = {"ok": len(df), "failed": sum(map(loader.is_failure, problems)),
@@ -216,13 +214,29 @@ def report(root: str | Path, out: str | Path | None = None, plot: bool = True,
             "markdown": md, "files": files}
 
 
+def check_baseline(df: pd.DataFrame, baseline: str) -> None:
+    """A baseline no cell has fails with one line (the default ``scratch`` may be absent: no pairs)."""
+    if df.empty or baseline == "scratch":
+        return
+    key, value = parse_baseline(baseline)
+    keys = [] if key == "strategy" else [k[2:] for k in key_columns(df.copy()) if k != "k:strategy"]
+    if key != "strategy" and key not in keys:
+        raise ConfigError(f"--baseline {baseline}: {key} is not a key the report groups by here "
+                          f"(keys: {', '.join(keys) or 'none but strategy'})")
+    values = sorted(map(str, df[f"k:{key}"].unique()))
+    if value not in values:
+        what = "strategy" if key == "strategy" else f"{key} value"
+        raise ConfigError(f"--baseline {baseline}: no cell ran that {what} ({key} here: {', '.join(values)})")
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="transfer-lab-report", description=__doc__.splitlines()[0])
     p.add_argument("dir", help="directory searched recursively for results.json")
     p.add_argument("--out", help="where report.md/report.csv/*.png go (default: <dir>/report)")
     p.add_argument("--no-plots", action="store_true", help="tables only")
     p.add_argument("--baseline", default="scratch",
-                   help="strategy every other is paired against by seed (default: scratch)")
+                   help="what every other group is paired against by seed: a strategy (default: scratch) "
+                        "or KEY=VALUE on any key the report groups by (e.g. strategy.imbalance=none)")
     args = p.parse_args(argv)
     try:
         res = report(args.dir, args.out, plot=not args.no_plots, baseline=args.baseline)

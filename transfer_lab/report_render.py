@@ -12,7 +12,7 @@ from transfer_lab.analysis.aggregate import fmt, pm
 from transfer_lab.analysis.breakdowns import SCORES
 from transfer_lab.analysis.collect import BUDGET
 from transfer_lab.analysis.effective_labels import describe_effective
-from transfer_lab.analysis.paired import verdict
+from transfer_lab.analysis.paired import is_baseline, verdict
 
 MARK = "†"  # a group holding cells that did not converge
 UNCONVERGED = ("partial", "none")
@@ -56,7 +56,7 @@ def markdown(table: pd.DataFrame, keys: list[str], m: str = "acc", baseline: str
 def paired_cells(r: pd.Series, baseline: str) -> list[str]:
     """``+0.0500 ± 0.0300 significant`` (``paired.verdict``; marked † when a side did not
     converge), ``2/3``, p."""
-    if r["strategy"] == baseline:
+    if is_baseline(r, baseline):
         return ["(baseline)", "—", "—"]
     if not r["n_pairs"]:
         return ["—", "—", "—"]

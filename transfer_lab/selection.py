@@ -5,6 +5,12 @@ and the run tests that checkpoint; ``last`` tests the weights training ended wit
 ``results.json`` records what was chosen: ``selection: {select, monitor, mode, step, value}``.
 Early stopping (``target.early_stopping: {patience, min_delta}``) is Lightning's ``EarlyStopping``,
 counted in validations (every ``val_check_interval`` steps).
+
+Which validation split: the target's, unless a strategy that trains on source data says
+``validate_on=source`` (``dann``, ``source_only``: unsupervised domain adaptation, where no target
+label may choose anything) — then selection, tuning (``optimized_metric``) and the convergence
+check read the source domain's validation split; ``selection.data`` in ``results.json`` then names it
+(``source.data``; absent when the target's validation split selected).
 """
 
 from __future__ import annotations
@@ -21,6 +27,19 @@ from transfer_lab.errors import ConfigError
 SELECT = ("last", "best_val")
 MODES = ("min", "max")
 EARLY_STOPPING_KEYS = ("patience", "min_delta")
+VALIDATE_ON = ("target", "source")
+
+
+def check_validate_on(value: str, strategy: str) -> str:
+    """``strategy.validate_on``: ``target`` (the target's labelled validation split) or ``source``."""
+    if value not in VALIDATE_ON:
+        raise ConfigError(f"strategy.validate_on={value!r} (strategy={strategy}): valid: {', '.join(VALIDATE_ON)}")
+    return value
+
+
+def validation_data(validate_on: str, target_dm: Any, source_dm: Any) -> Any:
+    """The data module whose validation split selects the model."""
+    return source_dm if validate_on == "source" else target_dm
 
 
 def default_monitor(task: str) -> tuple[str, str]:
@@ -87,6 +106,10 @@ class Selection:
         """After ``fit``: the checkpoint to test (None: the current weights) and the record for
         ``results.json``. ``best_val`` without any validation falls back to the last weights."""
         record = {"select": self.select, "monitor": self.monitor, "mode": self.mode}
+        dm = getattr(trainer, "datamodule", None)  # validated on another split than the target's
+        other = getattr(dm, "validate", None)
+        if other is not None and other is not getattr(dm, "evaluate", None):
+            record["data"] = getattr(other, "key", None)
         best = self.checkpoint.best_model_path if self.checkpoint is not None else ""
         if best:
             # the checkpoint's own step: mmap reads the header, not the weights

@@ -10,6 +10,10 @@ null distribution over the 2^n sign patterns) for n ≤ 50 pairs without ties or
 with ties or zeros, an exhaustive permutation test for n ≤ 13 and the normal approximation above
 (scipy's rule for ``method="auto"``). The smallest two-sided exact p with n pairs is 2 / 2^n:
 fewer than 6 seeds can never give p < 0.05, whatever the differences.
+
+The baseline (``--baseline``) is a strategy name (``scratch``), or ``key=value`` on any group key
+the report splits by (``strategy.imbalance=none``, ``target.steps=800``): the groups with that
+value are the baseline, each paired with the groups that differ from it in that key alone.
 """
 
 from __future__ import annotations
@@ -74,14 +78,30 @@ def verdict(row: pd.Series | dict) -> str:
     return "not significant"
 
 
-def baseline_contexts(keys: Sequence[str]) -> list[list[str]]:
-    """The keys a baseline group must share with a row, strictest first: every non-strategy key;
-    then, as the baseline may ignore source settings (scratch trains no source), every key but
-    the ``source.*`` ones. Anything else (precision, a preset's top-level key) must always match.
-    Keys may carry the report table's ``k:`` prefix."""
+def parse_baseline(spec: str) -> tuple[str, str]:
+    """``(key, value)`` of a baseline: ``scratch`` → ``("strategy", "scratch")``; ``k=v`` → ``("k", "v")``."""
+    key, sep, value = str(spec).partition("=")
+    return (key.strip(), value.strip()) if sep else ("strategy", str(spec))
+
+
+def is_baseline(row: pd.Series | dict, spec: str) -> bool:
+    """Whether a table row (keys with or without the ``k:`` prefix) is a baseline group. Values
+    compare as text, as the report prints them (a null config value reads ``null``)."""
+    key, value = parse_baseline(spec)
+    v = row.get(f"k:{key}", row.get(key))
+    return v is not None and str(v) == value
+
+
+def baseline_contexts(keys: Sequence[str], baseline_key: str = "strategy") -> list[list[str]]:
+    """The keys a baseline group must share with a row, strictest first: every key but the
+    baseline's (for ``strategy``: also its ``strategy.*`` settings); then, for a strategy
+    baseline, which may ignore source settings (scratch trains no source), every key but the
+    ``source.*`` ones. Keys may carry the report table's ``k:`` prefix."""
     def name(k: str) -> str:
         return k[2:] if k.startswith("k:") else k
 
+    if baseline_key != "strategy":
+        return [[k for k in keys if name(k) != baseline_key]]
     other = [k for k in keys if name(k) != "strategy" and not name(k).startswith("strategy.")]
     return [other, [k for k in other if name(k) != "source" and not name(k).startswith("source.")]]
 
@@ -90,8 +110,11 @@ def match_baseline(table: pd.DataFrame, row: pd.Series, keys: Sequence[str],
                    baseline: str) -> pd.Series | None:
     """The baseline group of ``table`` in ``row``'s context (``baseline_contexts``). None: no
     unique one."""
-    base = table[table["k:strategy"] == baseline]
-    for match in baseline_contexts(keys):
+    key, value = parse_baseline(baseline)
+    if f"k:{key}" not in table:
+        return None
+    base = table[table[f"k:{key}"].astype(str) == value]
+    for match in baseline_contexts(keys, key):
         s = base
         for k in match:
             s = s[s[k].astype(str) == str(row[k])]
@@ -113,7 +136,7 @@ def add_paired(table: pd.DataFrame, df: pd.DataFrame, keys: Sequence[str], m: st
     0 pairs where no baseline group matches; the baseline's own rows stay empty)."""
     out = []
     for _, r in table.iterrows():
-        b = None if r["k:strategy"] == baseline else match_baseline(table, r, keys, baseline)
+        b = None if is_baseline(r, baseline) else match_baseline(table, r, keys, baseline)
         if b is None:
             out.append({**paired_stats([]), "significant": None, "_baseline_converged": None})
             continue

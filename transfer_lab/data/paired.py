@@ -8,7 +8,9 @@
 * **per-sample rows** computed once at ``setup`` (distillation's cached teacher logits), picked by
   the positions of the main batch's images.
 
-Validation and test batches come from ``evaluate`` (default: the main data module).
+Validation and test batches come from ``evaluate`` (default: the main data module); ``validate``
+puts validation (model selection, tuning, the convergence check) on another data module's
+validation split — unsupervised domain adaptation selects on the labelled *source* domain.
 
 Each stream keeps what its own data module does: its loader kind (``memory`` or
 ``torchvision``), its normalisation and augmentation (``on_after_batch_transfer``, which leaves
@@ -49,11 +51,13 @@ class PairedData(L.LightningDataModule):
         per_sample: ``(main, trainer) -> rows``, one row per main training image, computed once
             at ``setup`` on the training device (needs ``main.loader=memory``).
         evaluate: validation and test data (default ``main``).
+        validate: validation data instead of ``evaluate`` (its ``val`` split and normalisation).
     """
 
     def __init__(self, main: TransferDataModule, second: TransferDataModule | None = None,
                  second_labels: bool = True, per_sample: PerSample | None = None,
-                 evaluate: TransferDataModule | None = None) -> None:
+                 evaluate: TransferDataModule | None = None,
+                 validate: TransferDataModule | None = None) -> None:
         super().__init__()
         if second is not None and per_sample is not None:
             raise ValueError("PairedData: pass a second data module or per_sample rows, not both")
@@ -62,10 +66,12 @@ class PairedData(L.LightningDataModule):
                               f"logits) need {main.key}.loader=memory")
         self.main, self.second, self.second_labels = main, second, second_labels
         self.per_sample, self.evaluate = per_sample, evaluate or main
+        self.validate = validate or self.evaluate
         self.rows: torch.Tensor | None = None
 
     def _modules(self) -> list[TransferDataModule]:
-        return list(dict.fromkeys(m for m in (self.main, self.second, self.evaluate) if m is not None))
+        mods = (self.main, self.second, self.evaluate, self.validate)
+        return list(dict.fromkeys(m for m in mods if m is not None))
 
     def setup(self, stage: str | None = None) -> None:
         for dm in self._modules():
@@ -84,12 +90,15 @@ class PairedData(L.LightningDataModule):
         return PairedLoader(main, stream(self.second), self.second_labels)
 
     def val_dataloader(self):
-        return self.evaluate.val_dataloader()
+        return self.validate.val_dataloader()
 
     def test_dataloader(self):
         return self.evaluate.test_dataloader()
 
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        if self.validate is not self.evaluate and self.trainer is not None and (
+                getattr(self.trainer, "validating", False) or getattr(self.trainer, "sanity_checking", False)):
+            return self.validate.on_after_batch_transfer(batch, dataloader_idx)
         if self.trainer is None or not self.trainer.training:
             return self.evaluate.on_after_batch_transfer(batch, dataloader_idx)
         x, y, *rest = batch  # y: imbalance_remedy=augment crops by label

@@ -58,12 +58,15 @@ class Strategy:
     * ``report()`` — facts for ``results.json["strategy_report"]``. Default: none.
 
     Class attributes: ``needs_source`` (False: no source stage), ``tasks`` (the target tasks the
-    loss handles) and ``train_bn`` (BatchNorm layers inside frozen parts keep updating their
+    loss handles), ``convergence_term`` (the loss term the convergence check judges, e.g. ``task``
+    when another term is not meant to fall, as an adversarial one; None: the summed loss) and
+    ``train_bn`` (BatchNorm layers inside frozen parts keep updating their
     statistics; only strategies that freeze something take it as an argument).
     """
 
     needs_source: bool = True
     tasks: tuple[str, ...] = ("classification",)
+    convergence_term: str | None = None
     train_bn: bool = False
 
     def __init__(self) -> None:

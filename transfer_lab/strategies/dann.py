@@ -15,7 +15,11 @@ Design choices (see experiments/domain_adaptation/README.md):
   number of target-stage epochs on source data alone, so the two differ only in the
   adversarial term.
 * Target *training* labels are never read: the paired data drops them
-  (``PairedData(second_labels=False)``). Validation and test use the target splits.
+  (``PairedData(second_labels=False)``). Test uses the target split; validation (selection,
+  tuning) the target's labelled split by default, the source's with ``validate_on=source``
+  (no target label then chooses anything).
+* The convergence check judges the task term (``convergence_term``): the domain term is
+  adversarial and rises by design as λ grows.
 * Each domain is normalised with its own training statistics (as any target run is).
 """
 
@@ -31,6 +35,7 @@ from torch import nn
 from transfer_lab.data.paired import PairedData
 from transfer_lab.errors import ConfigError
 from transfer_lab.models.classifier import Classifier
+from transfer_lab.selection import check_validate_on, validation_data
 from transfer_lab.strategies.base import Loss, Strategy, TaskLoss
 from transfer_lab.strategies.common import GradientReversal, copy_model, grl_lambda
 
@@ -77,11 +82,15 @@ class DANN(Strategy):
         hidden: width of the two hidden layers of the domain classifier.
         gamma: steepness of the λ schedule (10 in the paper).
         lambda_max: λ reached at the end of training.
+        validate_on: ``target`` (its labelled validation split) or ``source`` (no target label used).
     """
 
+    convergence_term = "task"  # the domain term is adversarial: it need not fall
+
     def __init__(self, domain_weight: float = 1.0, hidden: int = 100, gamma: float = 10.0,
-                 lambda_max: float = 1.0) -> None:
+                 lambda_max: float = 1.0, validate_on: str = "target") -> None:
         super().__init__()
+        self.validate_on = check_validate_on(validate_on, "dann")
         self.domain_weight, self.hidden, self.gamma, self.lambda_max = (
             domain_weight, hidden, gamma, lambda_max)
         self.adversary: DomainAdversarialLoss | None = None
@@ -104,7 +113,8 @@ class DANN(Strategy):
         if source_dm is None:
             raise ConfigError("strategy=dann trains on the source data; a source.checkpoint "
                               "without source data cannot be used")
-        return PairedData(source_dm, second=target_dm, second_labels=False, evaluate=target_dm)
+        return PairedData(source_dm, second=target_dm, second_labels=False, evaluate=target_dm,
+                          validate=validation_data(self.validate_on, target_dm, source_dm))
 
     def callbacks(self) -> list[L.Callback]:
         return [GRLSchedule(self._adversary().grl, self.gamma, self.lambda_max)]
@@ -121,5 +131,5 @@ class DANN(Strategy):
 
     def report(self) -> dict[str, Any]:
         return {"init": "source model", "domain_weight": self.domain_weight, "hidden": self.hidden,
-                "gamma": self.gamma, "lambda_max": self.lambda_max,
+                "gamma": self.gamma, "lambda_max": self.lambda_max, "validate_on": self.validate_on,
                 "final_grl_lambda": None if self.adversary is None else self.adversary.grl.lambd}
