@@ -37,7 +37,7 @@ class ConvergenceCheck(Callback):
     """Records ``(global step, validation metric, mean training loss since the last validation)``
     at every validation and, at the end of fit, ``self.result`` — the ``convergence`` entry of
     ``results.json``. The training loss is the step's summed loss, or the term the module's
-    strategy names in ``convergence_term`` (read from its ``loss`` during fit).
+    strategy names in ``convergence_term`` (``TransferModule.last_terms``).
 
     Args:
         monitor: validation metric (``val/acc``; ``val/loss`` for regression).
@@ -58,8 +58,7 @@ class ConvergenceCheck(Callback):
         self._loss_sum: torch.Tensor | None = None
         self._loss_count = 0
         self.term: str | None = None  # the strategy's convergence_term (None: the summed loss)
-        self._term_value: torch.Tensor | None = None
-        self._wrapped: Any = None
+        self._strategy = ""
 
     @property
     def loss_series(self) -> str:
@@ -68,30 +67,17 @@ class ConvergenceCheck(Callback):
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         strategy = getattr(pl_module, "strategy", None)
         self.term = getattr(strategy, "convergence_term", None)
-        if self.term is None or self._wrapped is not None:
-            return
-        inner, term = strategy.loss, self.term
-
-        def loss(*args: Any, **kwargs: Any) -> Any:  # the strategy's loss, its declared term noted
-            out = inner(*args, **kwargs)
-            if term not in out.terms:
-                raise ValueError(f"strategy={strategy.name}: convergence_term={term!r} is not one of its "
-                                 f"loss terms ({', '.join(out.terms)})")
-            self._term_value = out.terms[term]
-            return out
-
-        strategy.loss, self._wrapped = loss, strategy
-
-    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        if self._wrapped is not None:  # the strategy's own method again
-            vars(self._wrapped).pop("loss", None)
-            self._wrapped = None
+        self._strategy = getattr(strategy, "name", type(strategy).__name__)
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any,
                            batch: Any, batch_idx: int) -> None:
         loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
-        if self.term is not None:
-            loss, self._term_value = self._term_value, None
+        if self.term is not None:  # TransferModule.last_terms: the step's terms by name
+            terms = getattr(pl_module, "last_terms", None)
+            if not terms or self.term not in terms:
+                raise ValueError(f"strategy={self._strategy}: convergence_term={self.term!r} is not one of "
+                                 f"its loss terms ({', '.join(terms or {}) or 'none returned'})")
+            loss = terms[self.term]
         if isinstance(loss, torch.Tensor):
             # summed on the device: no host sync per step, one per validation
             d = loss.detach().float()

@@ -97,6 +97,11 @@ class TransferModule(L.LightningModule):
         self._epoch_sums.add_correct((outputs.detach().argmax(1) == y).sum(), y.numel())
 
     @property
+    def last_terms(self) -> dict[str, torch.Tensor]:
+        """The latest training step's loss terms, by name (what callbacks may judge)."""
+        return self._epoch_sums.last
+
+    @property
     def backbone(self) -> nn.Module:  # what BaseFinetuning-style callbacks look for
         return self.model.backbone
 
@@ -125,6 +130,7 @@ class TransferModule(L.LightningModule):
         with torch.no_grad():  # one stacked add a step (a float32 sum per term, as before)
             row = torch.stack([loss, *step.terms.values()]).float() * n
         self._epoch_sums.add_terms(row, ["loss", *step.terms], n)
+        self._epoch_sums.last = step.terms  # for callbacks: ConvergenceCheck's convergence_term
         return loss
 
     def on_train_epoch_start(self) -> None:
@@ -222,13 +228,14 @@ class EpochSums:
     (each ``nn.Module.__setattr__`` runs isinstance checks; five of them a step add up on
     an overhead-bound model)."""
 
-    __slots__ = ("sums", "names", "count", "correct", "seen")
+    __slots__ = ("sums", "names", "count", "correct", "seen", "last")
 
     def __init__(self) -> None:
         self.sums: torch.Tensor | None = None
         self.names: list[str] = []
         self.correct: torch.Tensor | None = None
         self.count = self.seen = 0
+        self.last: dict[str, torch.Tensor] = {}  # the latest step's loss terms
 
     def add_terms(self, row: torch.Tensor, names: list[str], n: int) -> None:
         self.sums, self.names = add_row(self.sums, self.names, row, names)
