@@ -206,6 +206,22 @@ def test_bench_throughput_reports_both_sides_per_k():
         assert r["speedup"] == pytest.approx(r["vectorised_ips"] / r["separate_ips"], rel=0.01)
 
 
+def test_bench_pairs_alternate_and_the_speedup_is_the_median_paired_ratio(monkeypatch):
+    import transfer_lab.vectorized.bench as vb
+
+    calls, times = [], {"v": iter([1.0, 2.0, 4.0]), "s": iter([2.0, 2.0, 2.0])}
+    monkeypatch.setattr(vb, "time_vectorised", lambda *a: calls.append("v") or next(times["v"]))
+    monkeypatch.setattr(vb, "time_separate", lambda *a: calls.append("s") or next(times["s"]))
+
+    def data(seed):
+        return SyntheticData(num_classes=4, shape=(1, 8, 8), n_train=8, n_test=4, batch_size=8,
+                             val_fraction=0.0, seed=seed).prepare()
+
+    out = vb.seeds_throughput("mlp", ks=(2,), epochs=1, repeats=3, data=data)[2]
+    assert calls == ["v", "s", "s", "v", "v", "s"]  # who goes first alternates
+    assert out["ratios"] == [2.0, 1.0, 0.5] and out["speedup"] == 1.0  # median of the pairs
+
+
 @pytest.mark.slow
 def test_class_weighted_loss_per_seed_equals_separate_runs(monkeypatch):
     monkeypatch.setitem(DATA, "imbalance_ratio", 3.0)

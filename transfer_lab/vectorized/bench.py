@@ -6,6 +6,7 @@ other (``TransferModule`` + ``Trainer``), on the same images, in one process.
 
 from __future__ import annotations
 
+import statistics
 import time
 from collections.abc import Callable
 from functools import partial
@@ -76,8 +77,9 @@ def seeds_throughput(model: str = "mlp", ks: tuple[int, ...] = (1, 4, 8, 16), ep
                      device: str = "cpu", repeats: int = 3,
                      data: Callable[[int], TransferDataModule] = synthetic_mnist,
                      clock: Callable[[], float] = time.perf_counter) -> dict:
-    """``{K: {"vectorised_ips", "separate_ips", "speedup", "mode"}}`` (medians over ``repeats``, taken
-    alternately so a shared machine's load hits both sides alike). ``data(seed)`` gives seed k's
+    """``{K: {"vectorised_ips", "separate_ips", "speedup", "ratios", "mode"}}``: images/s medians over
+    ``repeats``, and the median of the repetitions' paired ratios, each pair taken side by side in
+    alternating order so a shared machine's load hits both sides alike. ``data(seed)`` gives seed k's
     prepared data module (default: MNIST-shaped synthetic images, batch 64); ``clock``: wall
     (``time.perf_counter``) or this process's CPU time (``time.process_time``). ``mode``: how the
     vectorised side ran its seeds (``vectorize_mode=auto`` on this device: ``vmap`` or ``loop``)."""
@@ -86,11 +88,15 @@ def seeds_throughput(model: str = "mlp", ks: tuple[int, ...] = (1, 4, 8, 16), ep
         dms = [data(seed) for seed in range(k)]
         images = sum(len(dm.y_train) for dm in dms) * epochs
         vec, sep = [], []
-        for _ in range(repeats):
-            vec.append(images / time_vectorised(model, dms, epochs, device, clock))
-            sep.append(images / time_separate(model, dms, epochs, device, clock))
-        v, s = sorted(vec)[len(vec) // 2], sorted(sep)[len(sep) // 2]
+        for rep in range(repeats):  # alternate who goes first: the machine's load drifts
+            sides = [lambda: vec.append(images / time_vectorised(model, dms, epochs, device, clock)),
+                     lambda: sep.append(images / time_separate(model, dms, epochs, device, clock))]
+            for side in sides if rep % 2 == 0 else sides[::-1]:
+                side()
         mode = resolve_mode("auto", MODELS[model](dms[0]), torch.device(device), k)
-        out[k] = {"vectorised_ips": round(v, 1), "separate_ips": round(s, 1), "speedup": round(v / s, 3),
+        ratios = [a / b for a, b in zip(vec, sep)]  # each repetition's pair, taken side by side
+        out[k] = {"vectorised_ips": round(statistics.median(vec), 1),
+                  "separate_ips": round(statistics.median(sep), 1),
+                  "speedup": round(statistics.median(ratios), 3), "ratios": [round(r, 3) for r in ratios],
                   "mode": mode}
     return out
