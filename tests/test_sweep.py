@@ -236,3 +236,14 @@ def test_a_sweeper_optimises_the_named_validation_metric_not_the_test_headline()
     assert objective(compose_cfg("optimized_metric=val/acc"), res) == 0.6
     with pytest.raises(ConfigError, match="optimized_metric=val/r2"):
         objective(compose_cfg("optimized_metric=val/r2"), res)
+
+
+def test_cell_dirname_keeps_short_names_and_cuts_long_ones_to_distinct_stable_names():
+    from transfer_lab.config import cell_dirname
+
+    assert cell_dirname(3, "seed=0,strategy=lora") == "3_seed=0,strategy=lora"
+    long_a = ",".join(f"strategy.k{i}=0.4892741426916107" for i in range(12))
+    long_b = long_a.replace("k11=0.48", "k11=0.49")
+    a, b = cell_dirname(0, long_a), cell_dirname(0, long_b)
+    assert len(a.encode()) <= 200 and a.startswith("0_strategy.k0=") and a != b
+    assert cell_dirname(0, long_a) == a  # a re-run finds the same directory

@@ -9,11 +9,13 @@ against its own constructor (``validate.check_leaf``) and built by ``builders``.
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
+from omegaconf import OmegaConf
 
 
 class SaveWeights(str, Enum):
@@ -97,6 +99,20 @@ class RunConfig:
     callbacks: Any = None
 
 
+def cell_dirname(num: Any, overrides: str, limit: int = 200) -> str:
+    """A sweep cell's directory name (``hydra.sweep.subdir``): ``<job num>_<overrides>``, as Hydra's
+    ``override_dirname``; a name longer than ``limit`` bytes (a file name may hold 255) keeps its
+    first bytes and ends with a hash of all the overrides, so distinct cells stay distinct and a
+    re-run finds its directory again."""
+    name = f"{num}_{overrides}"
+    if len(name.encode()) <= limit:
+        return name
+    digest = hashlib.sha1(overrides.encode()).hexdigest()[:12]
+    return f"{name.encode()[:limit - 13].decode(errors='ignore')}~{digest}"
+
+
 def register() -> None:
-    """Store the schema as ``run_schema`` (idempotent: ConfigStore replaces an entry)."""
+    """Store the schema as ``run_schema`` (idempotent: ConfigStore replaces an entry) and the
+    ``tl_cell_dir`` resolver ``conf/train.yaml``'s sweep subdir uses."""
     ConfigStore.instance().store(name="run_schema", node=RunConfig)
+    OmegaConf.register_new_resolver("tl_cell_dir", cell_dirname, replace=True)
