@@ -279,3 +279,22 @@ def test_per_class_table_is_named_by_image_folder_class_names(tmp_path):
     per = pd.read_csv(tmp_path / "report" / "per_class.csv").set_index("strategy")
     assert per.loc["finetune", ["class frog", "class ship"]].tolist() == pytest.approx([0.8, 0.6])
     assert "| strategy | labels/class | n | class frog | class ship |" in res["markdown"]
+
+
+def test_a_one_bar_chart_keeps_its_title_inside_the_figure():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from transfer_lab.analysis.report_plots import bar_figure
+
+    one = pd.DataFrame({"strategy": ["finetune"], "series": ["finetune, strategy.imbalance=resample"],
+                        "acc_mean": [0.8], "acc_std": [0.01], "negative_transfer": [False]})
+    fig = bar_figure(one, "acc", "10")
+    fig.tight_layout()
+    fig.canvas.draw()
+    title = fig.axes[0].title.get_window_extent(fig.canvas.get_renderer())
+    frame = fig.bbox
+    assert frame.x0 <= title.x0 and title.x1 <= frame.x1 and title.y1 <= frame.y1
+    plt.close(fig)

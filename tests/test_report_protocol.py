@@ -131,6 +131,23 @@ def test_comparison_json_renders_the_protocol_and_the_tuned_hyperparameters(tmp_
     assert json.loads(tuned["finetune"]) == COMPARISON["strategies"]["finetune"]["best_params"]
 
 
+def test_a_parent_of_several_comparisons_drops_their_tuning_trials(tmp_path):
+    # two comparisons below one directory: no comparison.json at the top, the trials still are not results
+    for cmp in ("a", "b"):
+        write_pairs(tmp_path / cmp / "eval", 10, [0.1])
+        (tmp_path / cmp / "comparison.json").write_text(json.dumps(COMPARISON))
+        for trial in range(2):
+            fake_result(tmp_path / cmp / "tune" / str(trial), "finetune", 100, 0.99, 10,
+                        choices={"hparams_search": "finetune"})
+    res = report(tmp_path, plot=False)
+    assert res["counts"]["tuning"] == 4 and res["counts"]["ok"] == 4
+    assert res["table"].set_index("strategy")["n"].to_dict() == {"scratch": 2, "finetune": 2}
+    assert "0.99" not in res["markdown"]
+    # a tuning sweep's own directory holds nothing else: reported as it is
+    alone = report(tmp_path / "a" / "tune", plot=False)
+    assert alone["counts"]["tuning"] == 0 and alone["table"]["n"].tolist() == [2]
+
+
 def test_without_comparison_json_the_report_says_nothing_was_tuned(tmp_path):
     write_pairs(tmp_path, 10, [0.1])
     md = report(tmp_path, plot=False)["markdown"]

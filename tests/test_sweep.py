@@ -247,3 +247,24 @@ def test_cell_dirname_keeps_short_names_and_cuts_long_ones_to_distinct_stable_na
     a, b = cell_dirname(0, long_a), cell_dirname(0, long_b)
     assert len(a.encode()) <= 200 and a.startswith("0_strategy.k0=") and a != b
     assert cell_dirname(0, long_a) == a  # a re-run finds the same directory
+
+
+def test_presets_named_by_overrides_cut_long_names_too():
+    from pathlib import Path
+
+    import yaml
+    from omegaconf import OmegaConf
+
+    from transfer_lab.config import register
+
+    register()
+    long = ",".join(f"strategy.k{i}=0.4892741426916107" for i in range(12))
+    cfg = OmegaConf.create({"o": long, "short": "seed=0", "d": "${tl_cell_dir:'',${o}}",
+                            "s": "${tl_cell_dir:'',${short}}"})
+    assert cfg.s == "seed=0"  # no job number: an extended sweep finds its finished cells by name
+    assert len(cfg.d.encode()) <= 200 and cfg.d.startswith("strategy.k0=")
+    conf = Path(__file__).resolve().parents[1] / "conf"
+    for preset in sorted((conf / "experiment").glob("*.yaml")):
+        sweep = (yaml.safe_load(preset.read_text()).get("hydra") or {}).get("sweep") or {}
+        subdir = str(sweep.get("subdir", ""))
+        assert "override_dirname" not in subdir or subdir.startswith("${tl_cell_dir:"), preset.name

@@ -103,8 +103,9 @@ def cell_dirname(num: Any, overrides: str, limit: int = 200) -> str:
     """A sweep cell's directory name (``hydra.sweep.subdir``): ``<job num>_<overrides>``, as Hydra's
     ``override_dirname``; a name longer than ``limit`` bytes (a file name may hold 255) keeps its
     first bytes and ends with a hash of all the overrides, so distinct cells stay distinct and a
-    re-run finds its directory again."""
-    name = f"{num}_{overrides}"
+    re-run finds its directory again. An empty ``num`` (``${tl_cell_dir:'',...}``) names the cell by
+    its overrides alone, so an extended sweep finds its finished cells whatever their job number."""
+    name = f"{num}_{overrides}" if num not in (None, "") else overrides
     if len(name.encode()) <= limit:
         return name
     digest = hashlib.sha1(overrides.encode()).hexdigest()[:12]

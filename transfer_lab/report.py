@@ -197,8 +197,11 @@ def report(root: str | Path, out: str | Path | None = None, plot: bool = True,
         raise ConfigError(f"{root}: no such directory (pass the sweep directory holding results.json files)")
     comparison = read_comparison(root)
     df, problems = collect(root)
-    tuning = int(df["tuning_trial"].sum()) if comparison is not None and not df.empty else 0
-    if tuning:  # the comparison's evaluation cells are the result; its tuning trials are not
+    # evaluation cells are the result, tuning trials (tuning seed) are not — also on a parent of several
+    # comparisons (no comparison.json of its own); a directory of tuning trials only is reported as is
+    mixed = not df.empty and not df["tuning_trial"].all()
+    tuning = int(df["tuning_trial"].sum()) if mixed else 0
+    if tuning:
         df = df[~df["tuning_trial"]].reset_index(drop=True)
     check_baseline(df, baseline)
     present = [m for m in METRICS if not df.empty and (df["metric"] == m).any()]

@@ -49,16 +49,24 @@ def plots(table: pd.DataFrame, keys: list[str], out: Path, m: str = "acc") -> li
     ax.legend(fontsize=7)
     written.append(save_fig(fig, out / f"{m}_vs_budget.png"))
     for b, s in t.groupby(t["budget"].astype(str), sort=False):
-        fig, ax = plt.subplots(figsize=(max(4.0, 0.6 * len(s) + 2), 3.6))
-        ax.bar(range(len(s)), s[f"{m}_mean"], yerr=s[f"{m}_std"].fillna(0), capsize=3,
-               color=["tab:gray" if st == "scratch" else "tab:red" if neg else "tab:blue"
-                      for st, neg in zip(s["strategy"], s["negative_transfer"])])
-        ax.set_xticks(range(len(s)), s["series"], rotation=30, ha="right", fontsize=7)
-        ax.set(ylabel=f"test/{m} (mean ± std)",
-               title=f"budget {b} labels/class (grey: scratch, red: below it)")
         name = b if b not in ("—", "null") else "all"  # no budget key / all labels: a plain file name
-        written.append(save_fig(fig, out / f"{'' if m == 'acc' else m + '_'}bars_budget_{name}.png"))
+        written.append(save_fig(bar_figure(s, m, b), out / f"{'' if m == 'acc' else m + '_'}bars_budget_{name}.png"))
     return written
+
+
+def bar_figure(s: pd.DataFrame, m: str, budget: str) -> Any:
+    """One budget's bars (grey: scratch, red: below it); the title on two lines so a figure of
+    one or two bars does not clip it."""
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(max(4.0, 0.6 * len(s) + 2), 3.6))
+    ax.bar(range(len(s)), s[f"{m}_mean"], yerr=s[f"{m}_std"].fillna(0), capsize=3,
+           color=["tab:gray" if st == "scratch" else "tab:red" if neg else "tab:blue"
+                  for st, neg in zip(s["strategy"], s["negative_transfer"])])
+    ax.set_xticks(range(len(s)), s["series"], rotation=30, ha="right", fontsize=7)
+    ax.set_ylabel(f"test/{m} (mean ± std)")
+    ax.set_title(f"budget {budget} labels/class\n(grey: scratch, red: below it)", fontsize=9)
+    return fig
 
 
 def effective_plot(eff: pd.DataFrame, keys: list[str], path: Path) -> Path:
