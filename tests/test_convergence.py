@@ -48,6 +48,15 @@ def test_judge_curves_still_moving_are_not_converged():
     assert val_loss["converged"] is False and "val/loss still improving" in val_loss["reason"]
 
 
+def test_judge_a_gain_of_exactly_val_tol_is_not_flat_whatever_the_float32_rounding():
+    import numpy as np
+    for before, after in [(0.63, 0.64), (0.59, 0.60)]:  # float32 differences 0.00999999 / 0.01000005
+        vals = [float(np.float32(v)) for v in (0.3, 0.5, before, before, before, after)]
+        out = judge(_history(vals, [1.0, 0.4, 0.31, 0.30, 0.30, 0.30]), 100, **KW)
+        assert out["val_metric_change_last_fifth"] == 0.01
+        assert out["converged"] is False and "still improving" in out["reason"], (before, after)
+
+
 def test_judge_needs_a_curve():
     plateau = _history([0.5, 0.8, 0.9, 0.9, 0.9, 0.9], [1.0, 0.4, 0.31, 0.30, 0.30, 0.30])
     assert "too few" in judge(plateau[:2], 100, **KW)["reason"]
