@@ -63,3 +63,24 @@ def test_pairing_group_replaces_task_and_presets_use_it():
     assert list(cfg.source.data.classes) == [0, 1, 2, 3, 4] and list(cfg.target.data.classes) == [5, 6, 7, 8, 9]
     assert not (CONF / "task").exists()
     assert "override /pairing:" in (CONF / "experiment" / "mnist_split.yaml").read_text()
+
+
+def test_per_strategy_picks_the_value_by_module_or_class_name_else_the_default():
+    from transfer_lab.config import per_strategy
+
+    lp = "transfer_lab.strategies.linear_probe.LinearProbe"
+    assert per_strategy(lp, {"linear_probe": 0.03}, 0.01) == 0.03  # as conf/strategy/ names it
+    assert per_strategy(lp, {"LinearProbe": 0.05}, 0.01) == 0.05  # or by its class
+    assert per_strategy("transfer_lab.strategies.scratch.Scratch", {"linear_probe": 0.03}, 0.01) == 0.01
+    with pytest.raises(ValueError, match="must map strategy names to values"):
+        per_strategy(lp, 0.03, 0.01)
+
+
+def test_quickstart_rates_follow_the_strategy_and_one_command_line_rate_replaces_them_all():
+    lr = lambda *o: compose_cfg("experiment=quickstart", *o).target.optimizer.lr  # noqa: E731
+    rates = {s: lr(f"strategy={s}") for s in ("scratch", "finetune", "linear_probe", "l2sp")}
+    assert rates["finetune"] != rates["linear_probe"] and rates["l2sp"] == 0.01  # l2sp: not named
+    assert all(isinstance(r, float) and r > 0 for r in rates.values())
+    for s in rates:
+        assert lr(f"strategy={s}", "target.optimizer.lr=0.005") == 0.005
+    check_overrides(["experiment=quickstart", "strategy=linear_probe"])  # the resolved rate validates
