@@ -84,3 +84,18 @@ def test_quickstart_rates_follow_the_strategy_and_one_command_line_rate_replaces
     for s in rates:
         assert lr(f"strategy={s}", "target.optimizer.lr=0.005") == 0.005
     check_overrides(["experiment=quickstart", "strategy=linear_probe"])  # the resolved rate validates
+
+
+def test_every_per_strategy_value_in_conf_names_a_strategy_of_conf_strategy():
+    import re
+
+    from omegaconf import OmegaConf
+
+    strategies = {p.stem for p in (CONF / "strategy").glob("*.yaml")}
+    found = 0
+    for path in CONF.rglob("*.yaml"):
+        for m in re.finditer(r"tl_per_strategy:\$\{strategy\._target_\},(\{[^}]*\})", path.read_text()):
+            names = set(OmegaConf.create(m.group(1).replace(":", ": ")))
+            assert names <= strategies, (path, names - strategies)  # a typo would fall back silently
+            found += 1
+    assert found  # the quickstart uses it
