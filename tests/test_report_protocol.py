@@ -229,3 +229,55 @@ def test_the_budget_key_is_defined_once():
                      if isinstance(node, ast.Assign)
                      and any(getattr(t, "id", None) == "BUDGET" for t in node.targets))
     assert defined == ["analysis/collect.py"]
+
+
+def comparison_part(root, strategy, diffs_from=0.5, trials=20, hashes=None):
+    """One part of a comparison run in parts: its comparison.json (one strategy), eval cells, trials."""
+    part = {"protocol": {**COMPARISON["protocol"], "trials": trials},
+            "strategies": {strategy: COMPARISON["strategies"][strategy]}}
+    root.mkdir(parents=True)
+    (root / "comparison.json").write_text(json.dumps(part))
+    for seed in range(3):
+        digest = {"config_hash": (hashes or {}).get(seed, f"{strategy}{seed}")}
+        fake_result(root / "eval" / strategy / f"seed_{seed}", strategy, seed, diffs_from + 0.1 * seed,
+                    extra=digest)
+    fake_result(root / "tune" / strategy / "trial_0", strategy, 100, 0.99,
+                choices={"hparams_search": strategy})
+
+
+def test_several_directories_are_one_report_of_a_comparison_run_in_parts(tmp_path, capsys):
+    comparison_part(tmp_path / "a", "scratch")
+    comparison_part(tmp_path / "b", "finetune", diffs_from=0.55)
+    out = tmp_path / "both"
+    assert main([str(tmp_path / "a"), str(tmp_path / "b"), "--out", str(out), "--no-plots"]) == 0
+    md = (out / "report.md").read_text()
+    assert md.startswith(f"# Report: {tmp_path / 'a'}, {tmp_path / 'b'}\n")
+    t = pd.read_csv(out / "report.csv").set_index("strategy")
+    assert t["n"].to_dict() == {"scratch": 3, "finetune": 3}  # the tuning trials stay out
+    # paired across the two directories, seed by seed
+    assert t.loc["finetune", "n_pairs"] == 3 and t.loc["finetune", "paired_diff_mean"] == pytest.approx(0.05)
+    assert "- Optuna trials per strategy: 20" in md and "`target.optimizer.lr=0.01` | 0.7000 | 20 |" in md
+    assert json.loads(t.loc["finetune", "tuned_params"]) == COMPARISON["strategies"]["finetune"]["best_params"]
+    assert "0.99" not in md
+
+
+@pytest.mark.parametrize("case, culprit", [
+    ("no --out", "2 directories: give --out"),
+    ("other protocol", "protocol differs from"),
+    ("untuned part", "a tuned and an untuned directory in one report"),
+    ("same cell twice", "the same cell as"),
+])
+def test_several_directories_that_do_not_make_one_table_exit_2_in_one_line(tmp_path, capsys, case, culprit):
+    comparison_part(tmp_path / "a", "scratch")
+    if case == "untuned part":
+        write_pairs(tmp_path / "b", 10, [0.1])
+    else:  # "same cell twice": b's seed 1 cell has the config of a's seed 1 (copied directories)
+        comparison_part(tmp_path / "b", "finetune", trials=10 if case == "other protocol" else 20,
+                        hashes={1: "scratch1"} if case == "same cell twice" else None)
+    args = [str(tmp_path / "a"), str(tmp_path / "b"), "--no-plots"]
+    assert main(args if case == "no --out" else [*args, "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and culprit in err, err
+    assert not (tmp_path / "out").exists()  # nothing half-written
+    if case == "other protocol":
+        assert "in trials:" in err

@@ -1,8 +1,9 @@
 """results.json files → one table (mean ± std, n, 95% CI, paired statistics vs the baseline,
 convergence) + CSV + plots.
 
-``python -m transfer_lab.report <dir> [--out DIR] [--no-plots] [--baseline STRATEGY|KEY=VALUE]`` (console
-script ``transfer-lab-report``). Results are read by ``transfer_lab.analysis.collect`` and grouped
+``python -m transfer_lab.report <dir> [<dir> ...] [--out DIR] [--no-plots] [--baseline STRATEGY|KEY=VALUE]``
+(console script ``transfer-lab-report``; several directories are read as one table, ``--out``
+required: e.g. a comparison run in parts, whose ``comparison.json`` protocols must be equal). Results are read by ``transfer_lab.analysis.collect`` and grouped
 by ``transfer_lab.analysis.aggregate``: everything that varies across the directory except the seed
 and the keys that do not change a result (``transfer_lab.results.NON_RESULT_KEYS``). Failed cells
 (with their stage and error) and unfinished ones are listed and counted, never dropped silently.
@@ -26,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +38,8 @@ from transfer_lab.analysis.aggregate import (converged_label, describe, mean_std
                                              ordered, varying_keys)
 from transfer_lab.analysis.breakdowns import SCORES, has, per_class_table, ranking_table
 from transfer_lab.analysis.collect import BUDGET, METRICS, headline
-from transfer_lab.analysis.comparison import is_tuning_trial, protocol_markdown, read_comparison
+from transfer_lab.analysis.comparison import (is_tuning_trial, merge_comparisons, protocol_markdown,
+                                              read_comparison)
 from transfer_lab.analysis.effective_labels import effective_table
 from transfer_lab.analysis.paired import add_paired, match_baseline, parse_baseline
 from transfer_lab.analysis.report_plots import effective_plot, plots
@@ -56,6 +59,25 @@ def collect(root: Path) -> tuple[pd.DataFrame, list[dict]]:
     return pd.DataFrame([row_of(c) for c in cells]), problems
 
 
+def collect_all(roots: list[Path]) -> tuple[pd.DataFrame, list[dict]]:
+    """``collect`` of each directory, as one; a cell found under two of them (the same config
+    hash: overlapping or copied directories) is refused, since it would count twice."""
+    if len(roots) == 1:
+        return collect(roots[0])
+    frames, problems, seen = [], [], {}
+    for r in roots:
+        df, found = collect(r)
+        problems += found
+        for path, digest in zip(df.get("path", []), df.get("config_hash", [])):
+            digest = digest if isinstance(digest, str) else path  # older results.json: no hash
+            if digest in seen:
+                raise ConfigError(f"{path}: the same cell as {seen[digest]} (same config): each "
+                                  "directory must hold other cells (overlapping directories?)")
+            seen[digest] = path
+        frames.append(df)
+    return pd.concat(frames, ignore_index=True), problems
+
+
 def row_of(cell: loader.Cell) -> dict[str, Any]:
     """Keys (``k:`` prefix) are the group keys; the rest are measurements."""
     res = cell.result
@@ -68,6 +90,7 @@ def row_of(cell: loader.Cell) -> dict[str, Any]:
                 f"source_{m}": src.get(f"test/{m}"), "trainable": params.get("trainable"),
                 "total_params": params.get("total"), "time_s": timings.get("total_s"),
                 "cell_converged": conv.get("converged"), "convergence": conv,
+                "config_hash": res.get("config_hash"),
                 "tuning_trial": is_tuning_trial(res)})
     row.update({c: metrics.get(f"test/{c}") for c in ("balanced_acc", "rmse")})
     row.update({c: (res.get("transferability") or {}).get(c) for c in SCORES})
@@ -141,16 +164,16 @@ def section(df: pd.DataFrame, m: str, baseline: str, comparison: dict | None) ->
             "cells": df}
 
 
-def write_report(root: Path, out: Path, sections: dict[str, dict], problems: list[dict],
+def write_report(where: str, out: Path, sections: dict[str, dict], problems: list[dict],
                  counts: dict[str, int], comparison: dict | None, baseline: str,
                  plot: bool) -> tuple[str, list[Path]]:
     """report.md and the CSVs (plots when ``plot``) in ``out``; returns the markdown and the files."""
     parts = [summary_line(counts)]
     if sections or comparison is not None:  # "untuned" says nothing when nothing finished
-        parts.append(protocol_markdown(comparison, root, counts["tuning"]))
+        parts.append(protocol_markdown(comparison, where, counts["tuning"]))
     files: list[Path] = []
     if not sections:
-        parts.insert(0, f"No finished runs under {root}.\n")
+        parts.insert(0, f"No finished runs under {where}.\n")
     for i, (m, sec) in enumerate(sections.items()):
         suffix, names, table = "" if i == 0 else f"_{m}", sec["keys"], sec["table"]
         if len(sections) > 1:
@@ -174,7 +197,7 @@ def write_report(root: Path, out: Path, sections: dict[str, dict], problems: lis
     if problems:
         parts.append(problems_markdown(problems))
     md = "\n".join(p for p in parts if p)
-    files.insert(0, write(out / "report.md", f"# Report: {root}\n\n{md}"))
+    files.insert(0, write(out / "report.md", f"# Report: {where}\n\n{md}"))
     return md, files
 
 
@@ -183,20 +206,29 @@ def write(path: Path, text: str) -> Path:
     return path
 
 
-def report(root: str | Path, out: str | Path | None = None, plot: bool = True,
+def report(root: str | Path | Sequence[str | Path], out: str | Path | None = None, plot: bool = True,
            baseline: str = "scratch") -> dict[str, Any]:
-    """Read every results.json below ``root``; write report.md, report.csv (per_class.csv,
-    ranking.csv, effective_labels.csv) and plots into ``out`` (default ``<root>/report``).
+    """Read every results.json below ``root`` (a directory, or several read as one: e.g. the parts
+    of a comparison run in parts, each with its ``comparison.json``); write report.md, report.csv
+    (per_class.csv, ranking.csv, effective_labels.csv) and plots into ``out`` (default
+    ``<root>/report``; required with several directories).
 
     Returns ``{"table", "keys", "per_class", "ranking", "effective", "sections", "problems",
     "counts", "comparison", "markdown", "files"}``: the first five for the first headline metric,
     ``sections[m]`` the same per metric (``acc``, ``r2``) present. Raises ``ConfigError`` on a
-    missing directory, an unreadable comparison.json or a ``baseline`` no cell ran."""
-    root = Path(root)
-    if not root.is_dir():
-        raise ConfigError(f"{root}: no such directory (pass the sweep directory holding results.json files)")
-    comparison = read_comparison(root)
-    df, problems = collect(root)
+    missing directory, an unreadable comparison.json, comparisons under different protocols, the
+    same cell under two directories or a ``baseline`` no cell ran."""
+    roots = [Path(r) for r in ([root] if isinstance(root, (str, Path)) else root)]
+    if not roots:
+        raise ConfigError("no directory given (pass the sweep directory holding results.json files)")
+    for r in roots:
+        if not r.is_dir():
+            raise ConfigError(f"{r}: no such directory (pass the sweep directory holding results.json files)")
+    if len(roots) > 1 and out is None:
+        raise ConfigError(f"{len(roots)} directories: give --out (where their one report goes)")
+    comparison = merge_comparisons([(r, read_comparison(r)) for r in roots])
+    df, problems = collect_all(roots)
+    where = ", ".join(map(str, roots))  # what the report says it read
     # evaluation cells are the result, tuning trials (tuning seed) are not — also on a parent of several
     # comparisons (no comparison.json of its own); a directory of tuning trials only is reported as is
     mixed = not df.empty and not df["tuning_trial"].all()
@@ -208,7 +240,7 @@ def report(root: str | Path, out: str | Path | None = None, plot: bool = True,
     sections = {m: section(df[df["metric"] == m].copy(), m, baseline, comparison) for m in present}
     counts = {"ok": len(df), "failed": sum(map(loader.is_failure, problems)),
               "incomplete": sum(not loader.is_failure(p) for p in problems), "tuning": tuning}
-    md, files = write_report(root, Path(out) if out else root / "report", sections, problems, counts,
+    md, files = write_report(where, Path(out) if out else roots[0] / "report", sections, problems, counts,
                               comparison, baseline, plot)
     first = sections[present[0]] if present else {"table": df, "keys": [], "per_class": None,
                                                    "ranking": None, "effective": None}
@@ -234,7 +266,8 @@ def check_baseline(df: pd.DataFrame, baseline: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="transfer-lab-report", description=__doc__.splitlines()[0])
-    p.add_argument("dir", help="directory searched recursively for results.json")
+    p.add_argument("dir", nargs="+", help="directory searched recursively for results.json; several "
+                                          "are read as one (then --out is required)")
     p.add_argument("--out", help="where report.md/report.csv/*.png go (default: <dir>/report)")
     p.add_argument("--no-plots", action="store_true", help="tables only")
     p.add_argument("--baseline", default="scratch",

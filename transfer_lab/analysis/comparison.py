@@ -43,12 +43,40 @@ def read_comparison(root: str | Path) -> dict[str, Any] | None:
     return data
 
 
+def merge_comparisons(found: list[tuple[Path, dict[str, Any] | None]]) -> dict[str, Any] | None:
+    """One comparison from those of several directories read by one report (a comparison run in
+    parts, each part tuning other strategies under the same protocol): their protocols must be
+    equal and no strategy tuned twice with other results. None when no directory has one; a
+    tuned and an untuned directory together are refused (the report would call both tuned)."""
+    have = [(root, c) for root, c in found if c is not None]
+    if not have:
+        return None
+    if len(have) < len(found):
+        bare = next(root for root, c in found if c is None)
+        raise ConfigError(f"{bare}: no {FILE}, but {have[0][0]} has one: a tuned and an untuned "
+                          "directory in one report (report them apart)")
+    (first, merged), rest = have[0], have[1:]
+    merged = {**merged, "strategies": dict(merged["strategies"])}
+    for root, c in rest:
+        differ = sorted(k for k in set(merged["protocol"]) | set(c["protocol"])
+                        if merged["protocol"].get(k) != c["protocol"].get(k))
+        if differ:
+            raise ConfigError(f"{root}: its {FILE} protocol differs from {first}'s in "
+                              f"{', '.join(differ)}: comparisons under different protocols "
+                              "cannot share a table (report them apart)")
+        for name, s in c["strategies"].items():
+            if merged["strategies"].setdefault(name, s) != s:
+                raise ConfigError(f"{root}: strategy {name} is tuned in {first} too, with other "
+                                  "results: which configuration a row is would be ambiguous")
+    return merged
+
+
 def is_tuning_trial(result: dict) -> bool:
     """A cell of a tuning sweep (``hparams_search=<strategy>``), not an evaluation cell."""
     return bool((result.get("choices") or {}).get("hparams_search"))
 
 
-def protocol_markdown(comparison: dict | None, root: Path, tuning_trials: int = 0) -> str:
+def protocol_markdown(comparison: dict | None, root: str | Path, tuning_trials: int = 0) -> str:
     """The protocol block (``comparison.json`` present) or the statement that nothing was tuned."""
     if comparison is None:
         return ("**Hyperparameters: untuned.** No `comparison.json` in this directory: every cell ran "
