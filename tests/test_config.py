@@ -65,37 +65,24 @@ def test_pairing_group_replaces_task_and_presets_use_it():
     assert "override /pairing:" in (CONF / "experiment" / "mnist_split.yaml").read_text()
 
 
-def test_per_strategy_picks_the_value_by_module_or_class_name_else_the_default():
-    from transfer_lab.config import per_strategy
-
-    lp = "transfer_lab.strategies.linear_probe.LinearProbe"
-    assert per_strategy(lp, {"linear_probe": 0.03}, 0.01) == 0.03  # as conf/strategy/ names it
-    assert per_strategy(lp, {"LinearProbe": 0.05}, 0.01) == 0.05  # or by its class
-    assert per_strategy("transfer_lab.strategies.scratch.Scratch", {"linear_probe": 0.03}, 0.01) == 0.01
-    with pytest.raises(ValueError, match="must map strategy names to values"):
-        per_strategy(lp, 0.03, 0.01)
-
 
 def test_quickstart_rates_follow_the_strategy_and_one_command_line_rate_replaces_them_all():
     lr = lambda *o: compose_cfg("experiment=quickstart", *o).target.optimizer.lr  # noqa: E731
     rates = {s: lr(f"strategy={s}") for s in ("scratch", "finetune", "linear_probe", "l2sp")}
-    assert rates["finetune"] != rates["linear_probe"] and rates["l2sp"] == 0.01  # l2sp: not named
-    assert all(isinstance(r, float) and r > 0 for r in rates.values())
+    assert rates["finetune"] != rates["linear_probe"]  # conf/per_strategy/quickstart_<strategy>.yaml
+    assert rates["l2sp"] == 0.01  # no file for it: the preset's own rate
+    assert compose_cfg("strategy=linear_probe").target.optimizer.lr == 0.001  # no preset: no file
     for s in rates:
         assert lr(f"strategy={s}", "target.optimizer.lr=0.005") == 0.005
-    check_overrides(["experiment=quickstart", "strategy=linear_probe"])  # the resolved rate validates
+    # a tuning sweep's value replaces it too (the sweeper passes the key as a command-line override)
+    assert lr("strategy=linear_probe", "hparams_search=linear_probe", "target.optimizer.lr=0.004") == 0.004
 
 
-def test_every_per_strategy_value_in_conf_names_a_strategy_of_conf_strategy():
-    import re
-
-    from omegaconf import OmegaConf
-
+def test_every_per_strategy_file_names_an_experiment_and_a_strategy():
+    experiments = {p.stem for p in (CONF / "experiment").glob("*.yaml")}
     strategies = {p.stem for p in (CONF / "strategy").glob("*.yaml")}
-    found = 0
-    for path in CONF.rglob("*.yaml"):
-        for m in re.finditer(r"tl_per_strategy:\$\{strategy\._target_\},(\{[^}]*\})", path.read_text()):
-            names = set(OmegaConf.create(m.group(1).replace(":", ": ")))
-            assert names <= strategies, (path, names - strategies)  # a typo would fall back silently
-            found += 1
-    assert found  # the quickstart uses it
+    files = sorted((CONF / "per_strategy").glob("*.yaml"))
+    assert files  # the quickstart uses the group
+    for path in files:  # a misspelt name would never be selected: it must split into both
+        splits = [(path.stem[:i], path.stem[i + 1:]) for i, c in enumerate(path.stem) if c == "_"]
+        assert any(e in experiments and s in strategies for e, s in splits), path.name

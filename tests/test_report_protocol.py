@@ -265,19 +265,36 @@ def test_several_directories_are_one_report_of_a_comparison_run_in_parts(tmp_pat
     ("no --out", "2 directories: give --out"),
     ("other protocol", "protocol differs from"),
     ("untuned part", "a tuned and an untuned directory in one report"),
-    ("same cell twice", "the same cell as"),
+    ("same cell twice", "the same cell (same config) as one under"),
+    ("nested", "inside"),
+    ("same directory", "inside"),
 ])
 def test_several_directories_that_do_not_make_one_table_exit_2_in_one_line(tmp_path, capsys, case, culprit):
-    comparison_part(tmp_path / "a", "scratch")
+    a, b = tmp_path / "a", tmp_path / "b"
+    comparison_part(a, "scratch")
     if case == "untuned part":
-        write_pairs(tmp_path / "b", 10, [0.1])
+        write_pairs(b, 10, [0.1])
+    elif case == "nested":
+        b = a / "eval"
+    elif case == "same directory":
+        b = a / "eval" / ".."  # the same directory, spelt otherwise
     else:  # "same cell twice": b's seed 1 cell has the config of a's seed 1 (copied directories)
-        comparison_part(tmp_path / "b", "finetune", trials=10 if case == "other protocol" else 20,
+        comparison_part(b, "finetune", trials=10 if case == "other protocol" else 20,
                         hashes={1: "scratch1"} if case == "same cell twice" else None)
-    args = [str(tmp_path / "a"), str(tmp_path / "b"), "--no-plots"]
+    args = [str(a), str(b), "--no-plots"]
     assert main(args if case == "no --out" else [*args, "--out", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and culprit in err, err
-    assert not (tmp_path / "out").exists()  # nothing half-written
+    assert not (tmp_path / "out").exists() and not (a / "report").exists()  # nothing half-written
     if case == "other protocol":
         assert "in trials:" in err
+
+
+def test_cells_sharing_a_config_inside_one_directory_are_not_refused(tmp_path):
+    # e.g. vectorised and separate runs of one config (vectorize_seeds is not in the hash) under one
+    # directory: not a copy; only a config found under two of the directories read is
+    comparison_part(tmp_path / "a", "scratch", hashes={0: "same", 1: "same"})
+    comparison_part(tmp_path / "b", "finetune", diffs_from=0.55)
+    res = report([tmp_path / "a", tmp_path / "b"], out=tmp_path / "out", plot=False)
+    assert res["table"].set_index("strategy")["n"].to_dict() == {"scratch": 3, "finetune": 3}
+    assert set(res["comparison"]["strategies"]) == {"scratch", "finetune"}

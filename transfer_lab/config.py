@@ -10,7 +10,6 @@ against its own constructor (``validate.check_leaf``) and built by ``builders``.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any, Optional
@@ -113,27 +112,8 @@ def cell_dirname(num: Any, overrides: str, limit: int = 200) -> str:
     return f"{name.encode()[:limit - 13].decode(errors='ignore')}~{digest}"
 
 
-def per_strategy(target: str, values: Any, default: Any) -> Any:
-    """A preset's value that depends on the strategy (``${tl_per_strategy:${strategy._target_},
-    {linear_probe: 0.03},0.01}``): ``values`` maps a strategy, named by its module
-    (``linear_probe``, as ``conf/strategy/`` names the built-in ones) or its class
-    (``LinearProbe``), to its value; any other strategy gets ``default``. A key naming neither
-    part of any ``_target_`` is not checked here (the resolver sees one strategy), so presets
-    spell the names of ``conf/strategy/``. A command-line or sweeper value for the key replaces
-    the interpolation as a whole, so it applies to every strategy."""
-    if not isinstance(values, Mapping):
-        raise ValueError(f"tl_per_strategy: {values!r} must map strategy names to values, "
-                         "e.g. {linear_probe: 0.03}")
-    module, _, cls = str(target).rpartition(".")
-    for name in (cls, module.rpartition(".")[2]):
-        if name in values:
-            return values[name]
-    return default
-
-
 def register() -> None:
-    """Store the schema as ``run_schema`` (idempotent: ConfigStore replaces an entry), the
-    ``tl_cell_dir`` resolver ``conf/train.yaml``'s sweep subdir uses and ``tl_per_strategy``."""
+    """Store the schema as ``run_schema`` (idempotent: ConfigStore replaces an entry) and the
+    ``tl_cell_dir`` resolver ``conf/train.yaml``'s sweep subdir uses."""
     ConfigStore.instance().store(name="run_schema", node=RunConfig)
     OmegaConf.register_new_resolver("tl_cell_dir", cell_dirname, replace=True)
-    OmegaConf.register_new_resolver("tl_per_strategy", per_strategy, replace=True)

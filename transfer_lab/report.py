@@ -60,20 +60,27 @@ def collect(root: Path) -> tuple[pd.DataFrame, list[dict]]:
 
 
 def collect_all(roots: list[Path]) -> tuple[pd.DataFrame, list[dict]]:
-    """``collect`` of each directory, as one; a cell found under two of them (the same config
-    hash: overlapping or copied directories) is refused, since it would count twice."""
+    """``collect`` of each directory, as one. Directories that are one another or inside one
+    another are refused, and so is a cell whose config (hash) is under two of them (a copied
+    directory): either would count cells twice."""
     if len(roots) == 1:
         return collect(roots[0])
-    frames, problems, seen = [], [], {}
+    real = [r.resolve() for r in roots]
+    for a, ra in zip(roots, real):
+        for b, rb in zip(roots, real):
+            if a is not b and (ra == rb or ra in rb.parents):
+                raise ConfigError(f"{b}: inside {a} (or the same directory): its cells would count twice")
+    frames, problems, owner = [], [], {}
     for r in roots:
         df, found = collect(r)
         problems += found
-        for path, digest in zip(df.get("path", []), df.get("config_hash", [])):
-            digest = digest if isinstance(digest, str) else path  # older results.json: no hash
-            if digest in seen:
-                raise ConfigError(f"{path}: the same cell as {seen[digest]} (same config): each "
-                                  "directory must hold other cells (overlapping directories?)")
-            seen[digest] = path
+        hashes = {h for h in df.get("config_hash", []) if isinstance(h, str)}  # older results: none
+        for digest in hashes:
+            if digest in owner:
+                path = df.loc[df["config_hash"] == digest, "path"].iloc[0]
+                raise ConfigError(f"{path}: the same cell (same config) as one under {owner[digest]}: "
+                                  "each directory must hold other cells (a copy?)")
+            owner[digest] = r
         frames.append(df)
     return pd.concat(frames, ignore_index=True), problems
 

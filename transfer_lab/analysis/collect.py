@@ -16,8 +16,9 @@ from typing import Any
 
 from transfer_lab.results import NON_RESULT_KEYS
 
-# never grouping keys: the seed is what a group averages over; the rest does not change a result
-IGNORED = frozenset({"seed", *NON_RESULT_KEYS})
+# never grouping keys: the seed is what a group averages over; the rest does not change a result,
+# or (per_strategy: <experiment>_<strategy>, conf/train.yaml) only says which values the config got
+IGNORED = frozenset({"seed", "per_strategy", *NON_RESULT_KEYS})
 # the label budget: the key tables are split by and plotted against
 BUDGET = "target.data.samples_per_class"
 # headline metrics in table order: the first a run has is its metric

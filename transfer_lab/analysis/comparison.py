@@ -56,7 +56,8 @@ def merge_comparisons(found: list[tuple[Path, dict[str, Any] | None]]) -> dict[s
         raise ConfigError(f"{bare}: no {FILE}, but {have[0][0]} has one: a tuned and an untuned "
                           "directory in one report (report them apart)")
     (first, merged), rest = have[0], have[1:]
-    merged = {**merged, "strategies": dict(merged["strategies"])}
+    merged = {**merged, "strategies": dict(merged["strategies"]),
+              "commands": dict(merged.get("commands") or {})}
     for root, c in rest:
         differ = sorted(k for k in set(merged["protocol"]) | set(c["protocol"])
                         if merged["protocol"].get(k) != c["protocol"].get(k))
@@ -68,6 +69,7 @@ def merge_comparisons(found: list[tuple[Path, dict[str, Any] | None]]) -> dict[s
             if merged["strategies"].setdefault(name, s) != s:
                 raise ConfigError(f"{root}: strategy {name} is tuned in {first} too, with other "
                                   "results: which configuration a row is would be ambiguous")
+        merged["commands"].update(c.get("commands") or {})
     return merged
 
 
@@ -79,7 +81,7 @@ def is_tuning_trial(result: dict) -> bool:
 def protocol_markdown(comparison: dict | None, root: str | Path, tuning_trials: int = 0) -> str:
     """The protocol block (``comparison.json`` present) or the statement that nothing was tuned."""
     if comparison is None:
-        return ("**Hyperparameters: untuned.** No `comparison.json` in this directory: every cell ran "
+        return ("**Hyperparameters: untuned.** No `comparison.json` where the report read: every cell ran "
                 "at its configured values — the YAML defaults of `conf/strategy/` and `conf/optimizer/`, "
                 "unless a column of the table varies them. A strategy's score may reflect its defaults more "
                 "than the method.\n")
