@@ -65,7 +65,6 @@ def test_pairing_group_replaces_task_and_presets_use_it():
     assert "override /pairing:" in (CONF / "experiment" / "mnist_split.yaml").read_text()
 
 
-
 def test_quickstart_rates_follow_the_strategy_and_one_command_line_rate_replaces_them_all():
     lr = lambda *o: compose_cfg("experiment=quickstart", *o).target.optimizer.lr  # noqa: E731
     rates = {s: lr(f"strategy={s}") for s in ("scratch", "finetune", "linear_probe", "l2sp")}

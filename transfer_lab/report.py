@@ -3,8 +3,9 @@ convergence) + CSV + plots.
 
 ``python -m transfer_lab.report <dir> [<dir> ...] [--out DIR] [--no-plots] [--baseline STRATEGY|KEY=VALUE]``
 (console script ``transfer-lab-report``; several directories are read as one table, ``--out``
-required: e.g. a comparison run in parts, whose ``comparison.json`` protocols must be equal). Results are read by ``transfer_lab.analysis.collect`` and grouped
-by ``transfer_lab.analysis.aggregate``: everything that varies across the directory except the seed
+required: e.g. a comparison run in parts, whose ``comparison.json`` protocols must be equal).
+Results are read by ``transfer_lab.analysis.collect`` and grouped by
+``transfer_lab.analysis.aggregate``: everything that varies across the directory except the seed
 and the keys that do not change a result (``transfer_lab.results.NON_RESULT_KEYS``). Failed cells
 (with their stage and error) and unfinished ones are listed and counted, never dropped silently.
 
@@ -63,8 +64,6 @@ def collect_all(roots: list[Path]) -> tuple[pd.DataFrame, list[dict]]:
     """``collect`` of each directory, as one. Directories that are one another or inside one
     another are refused, and so is a cell whose config (hash) is under two of them (a copied
     directory): either would count cells twice."""
-    if len(roots) == 1:
-        return collect(roots[0])
     real = [r.resolve() for r in roots]
     for a, ra in zip(roots, real):
         for b, rb in zip(roots, real):
